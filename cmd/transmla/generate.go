@@ -1,0 +1,71 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/eval"
+	"github.com/transmla/transmla/kernels"
+)
+
+func generateCommand() *cli.Command {
+	return withUsageErrors(&cli.Command{
+		Name:      "generate",
+		Usage:     "greedy (argmax) continuation of a prompt, with a KV cache",
+		ArgsUsage: "MODEL",
+		Description: `Encodes --prompt with the model's tokenizer (adding the BOS its post-processor
+adds; with an empty prompt and no such BOS, config.json's bos_token_id is used),
+then decodes greedily until --max-tokens or an EOS token.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "prompt", Usage: "text to continue"},
+			&cli.IntFlag{Name: "max-tokens", Usage: "new tokens to generate at most", Value: 64},
+			&cli.BoolFlag{Name: "ids", Usage: "print the new token ids as a JSON array instead of text"},
+			&cli.BoolFlag{Name: "ignore-eos", Usage: "keep generating after an EOS token"},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return usagef("generate needs exactly one MODEL argument, got %d", c.NArg())
+			}
+			if c.Int("max-tokens") < 1 {
+				return usagef("--max-tokens must be at least 1, got %d", c.Int("max-tokens"))
+			}
+			dir, err := modelDir(c.Args().First())
+			if err != nil {
+				return err
+			}
+			tok, err := loadTokenizer(dir)
+			if err != nil {
+				return err
+			}
+			m, err := loadModel(c.Context, dir, c.App.ErrWriter)
+			if err != nil {
+				return err
+			}
+			prompt := tok.Encode(c.String("prompt"), true)
+			if len(prompt) == 0 {
+				if m.Config.BOSTokenID < 0 {
+					return usagef("empty --prompt and the model defines no BOS token: give a prompt")
+				}
+				prompt = []int{m.Config.BOSTokenID}
+			}
+			runner, err := eval.NewRunner(m, kernels.Gonum{}, len(prompt)+c.Int("max-tokens"))
+			if err != nil {
+				return err
+			}
+			opt := eval.GenerateOptions{MaxTokens: c.Int("max-tokens")}
+			if !c.Bool("ignore-eos") {
+				opt.StopIDs = m.Config.EOSTokenIDs
+			}
+			out, err := eval.Greedy(c.Context, runner, prompt, opt)
+			if err != nil {
+				return err
+			}
+			if c.Bool("ids") {
+				return writeJSONLine(c.App.Writer, out)
+			}
+			fmt.Fprintln(c.App.Writer, tok.Decode(append(prompt, out...), true))
+			return nil
+		},
+	})
+}

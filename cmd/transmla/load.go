@@ -1,0 +1,80 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/tokenizer"
+)
+
+// modelDir resolves a MODEL argument (a directory, or a file inside one).
+func modelDir(arg string) (string, error) {
+	st, err := os.Stat(arg)
+	if err != nil {
+		return "", fmt.Errorf("model %s: %w", arg, err)
+	}
+	if st.IsDir() {
+		return arg, nil
+	}
+	return filepath.Dir(arg), nil
+}
+
+func loadModel(ctx context.Context, arg string, stderr io.Writer) (*model.Model, error) {
+	dir, err := modelDir(arg)
+	if err != nil {
+		return nil, err
+	}
+	p := newProgress(stderr, 1, "loading weights")
+	defer p.Done()
+	return model.Load(ctx, dir, p.Set)
+}
+
+func loadTokenizer(dir string) (*tokenizer.Tokenizer, error) {
+	path := filepath.Join(dir, "tokenizer.json")
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("model %s has no tokenizer.json (only Hugging Face tokenizer.json is supported): %w", dir, err)
+	}
+	return tokenizer.Load(path)
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// humanBytes formats n with binary units.
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// writeJSONLine prints v as compact JSON on one line.
+func writeJSONLine(w io.Writer, v any) error {
+	return json.NewEncoder(w).Encode(v)
+}
+
+// requireFlags reports a usage error for each named flag that is not set.
+func requireFlags(c *cli.Context, names ...string) error {
+	for _, n := range names {
+		if !c.IsSet(n) {
+			return usagef("%s: --%s is required (see transmla %s --help)", c.Command.Name, n, c.Command.Name)
+		}
+	}
+	return nil
+}

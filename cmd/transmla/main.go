@@ -1,0 +1,102 @@
+// Command transmla converts Grouped-Query-Attention checkpoints to
+// Multi-head Latent Attention and measures them before and after.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+)
+
+// Exit codes, documented in README.md.
+const (
+	exitOK          = 0
+	exitError       = 1 // bad input file, failed run
+	exitUsage       = 2 // bad flags or arguments
+	exitInterrupted = 130
+)
+
+// version is the tool version written into reports and metadata.
+const version = "0.1.0"
+
+// usageError marks errors in how the command was called.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	app := newApp(os.Stdout, os.Stderr)
+	err := app.RunContext(ctx, flagsFirst(app, os.Args))
+	stop()
+	os.Exit(exitCode(ctx, err, os.Stderr))
+}
+
+func exitCode(ctx context.Context, err error, stderr io.Writer) int {
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "transmla: %v\n", err)
+	var ue usageError
+	switch {
+	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
+		return exitInterrupted
+	case errors.As(err, &ue):
+		return exitUsage
+	default:
+		return exitError
+	}
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:      "transmla",
+		Usage:     "retrofit Multi-head Latent Attention into GQA checkpoints and measure them",
+		Version:   version,
+		Writer:    stdout,
+		ErrWriter: stderr,
+		Flags: []cli.Flag{
+			&cli.IntFlag{Name: "threads", Usage: "CPU threads for compute (default: all cores)", Value: runtime.NumCPU()},
+		},
+		Before: func(c *cli.Context) error {
+			if n := c.Int("threads"); n > 0 {
+				runtime.GOMAXPROCS(n)
+			} else {
+				return usagef("--threads must be positive, got %d", n)
+			}
+			return nil
+		},
+		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
+			return usageError{err}
+		},
+		ExitErrHandler: func(*cli.Context, error) {}, // main decides the exit code
+		Commands: []*cli.Command{
+			demoCommand(),
+			evalCommand(),
+			inspectCommand(),
+			generateCommand(),
+			synthCommand(),
+			tokenizeCommand(),
+		},
+	}
+}
+
+// withUsageErrors makes a command's flag errors exit with exitUsage.
+func withUsageErrors(cmd *cli.Command) *cli.Command {
+	cmd.OnUsageError = func(c *cli.Context, err error, isSubcommand bool) error {
+		return usageError{err}
+	}
+	return cmd
+}

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/safetensors"
+	"github.com/transmla/transmla/tokenizer"
+)
+
+func synthCommand() *cli.Command {
+	def := model.DefaultSynthetic()
+	return withUsageErrors(&cli.Command{
+		Name:      "synth",
+		Usage:     "write a small deterministic synthetic GQA checkpoint (the built-in default)",
+		ArgsUsage: " ",
+		Description: `Writes config.json, model.safetensors and a byte-level tokenizer.json to -o.
+The same flags always give the same bytes. The weights are random (Gaussian with
+decaying per-row scales), so the model's text is noise, but every command runs on it.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
+			&cli.BoolFlag{Name: "force", Usage: "replace an existing output directory"},
+			&cli.IntFlag{Name: "layers", Value: def.Layers},
+			&cli.IntFlag{Name: "hidden", Value: def.Hidden},
+			&cli.IntFlag{Name: "heads", Value: def.Heads},
+			&cli.IntFlag{Name: "kv-heads", Value: def.KVHeads},
+			&cli.IntFlag{Name: "head-dim", Value: def.HeadDim},
+			&cli.IntFlag{Name: "intermediate", Value: def.Intermediate},
+			&cli.BoolFlag{Name: "qkv-bias", Usage: "add q/k/v biases (writes a Qwen2 config)"},
+			&cli.StringFlag{Name: "dtype", Usage: "bf16, f16 or f32", Value: "bf16"},
+			&cli.Uint64Flag{Name: "seed", Value: def.Seed},
+		},
+		Action: func(c *cli.Context) error {
+			if err := requireFlags(c, "output"); err != nil {
+				return err
+			}
+			spec := def
+			spec.Layers, spec.Hidden, spec.Heads = c.Int("layers"), c.Int("hidden"), c.Int("heads")
+			spec.KVHeads, spec.HeadDim, spec.Intermediate = c.Int("kv-heads"), c.Int("head-dim"), c.Int("intermediate")
+			spec.QKVBias, spec.Seed = c.Bool("qkv-bias"), c.Uint64("seed")
+			dt, ok := map[string]safetensors.DType{"bf16": safetensors.BF16, "f16": safetensors.F16, "f32": safetensors.F32}[c.String("dtype")]
+			if !ok {
+				return usagef("--dtype must be bf16, f16 or f32, got %q", c.String("dtype"))
+			}
+			spec.DType = dt
+			for _, v := range []int{spec.Layers, spec.Hidden, spec.Heads, spec.KVHeads, spec.HeadDim, spec.Intermediate} {
+				if v <= 0 {
+					return usagef("model sizes must be positive")
+				}
+			}
+			if err := writeSynthetic(c.Context, c.String("output"), spec, c.Bool("force")); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "wrote %s\n", c.String("output"))
+			return nil
+		},
+	})
+}
+
+// writeSynthetic builds the checkpoint in a temporary sibling directory and
+// renames it into place, so dir is either absent, the old one, or complete.
+func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, force bool) error {
+	if _, err := os.Stat(dir); err == nil && !force {
+		return usagef("output %s exists; use --force to replace it", dir)
+	}
+	parent := filepath.Dir(filepath.Clean(dir))
+	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("create output: %w", err)
+	}
+	defer os.RemoveAll(tmp) // no-op once renamed
+	if err := model.WriteSynthetic(ctx, tmp, spec); err != nil {
+		return err
+	}
+	tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "tokenizer.json"), tokJSON, 0o644); err != nil {
+		return fmt.Errorf("write tokenizer.json: %w", err)
+	}
+	if force {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("replace %s: %w", dir, err)
+		}
+	}
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return fmt.Errorf("create output: %w", err)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("move output into place: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/internal/atomicfile"
+)
+
+func tokenizeCommand() *cli.Command {
+	return withUsageErrors(&cli.Command{
+		Name:      "tokenize",
+		Usage:     "count (and optionally write) the tokens of a text file with a model's tokenizer",
+		ArgsUsage: "MODEL",
+		Description: `Encodes --data exactly as eval does (special tokens only where the
+tokenizer's post-processor adds them). --ids-out writes the ids as a JSON array,
+e.g. for scripts/torch_eval.py.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "data", Usage: "text file to encode (required)"},
+			&cli.StringFlag{Name: "ids-out", Usage: "write the token ids to this file as a JSON array"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
+		},
+		Action: func(c *cli.Context) error {
+			if err := requireFlags(c, "data"); err != nil {
+				return err
+			}
+			if c.NArg() != 1 {
+				return usagef("tokenize needs exactly one MODEL argument, got %d", c.NArg())
+			}
+			dir, err := modelDir(c.Args().First())
+			if err != nil {
+				return err
+			}
+			tok, err := loadTokenizer(dir)
+			if err != nil {
+				return err
+			}
+			text, err := os.ReadFile(c.String("data"))
+			if err != nil {
+				return fmt.Errorf("read --data: %w", err)
+			}
+			start := time.Now()
+			ids := tok.Encode(string(text), true)
+			secs := time.Since(start).Seconds()
+			if out := c.String("ids-out"); out != "" {
+				data, err := json.Marshal(ids)
+				if err != nil {
+					return err
+				}
+				if err := atomicfile.WriteFile(out, data, 0o644); err != nil {
+					return err
+				}
+			}
+			if c.Bool("json") {
+				return writeJSON(c.App.Writer, map[string]any{"tokens": len(ids), "bytes": len(text), "seconds": secs})
+			}
+			fmt.Fprintf(c.App.Writer, "%d tokens (%d bytes, %.2f s)\n", len(ids), len(text), secs)
+			return nil
+		},
+	})
+}

@@ -1,0 +1,63 @@
+package eval
+
+import (
+	"context"
+	"fmt"
+	"slices"
+)
+
+// GenerateOptions controls greedy decoding.
+type GenerateOptions struct {
+	// MaxTokens is the number of new tokens to produce at most.
+	MaxTokens int
+	// StopIDs end generation when produced (the stop token is included).
+	StopIDs []int
+	// OnToken, when not nil, receives each new token as it is produced.
+	OnToken func(id int)
+}
+
+// Greedy decodes with argmax from prompt, using the KV cache: the prompt is
+// run once, then one token per step. It returns the new tokens only.
+func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) ([]int, error) {
+	if len(prompt) == 0 {
+		return nil, fmt.Errorf("generate: empty prompt (the tokenizer adds no BOS; give a prompt)")
+	}
+	if len(prompt)+opt.MaxTokens > r.MaxPositions() {
+		return nil, fmt.Errorf("generate: prompt %d + %d new tokens exceed %d positions", len(prompt), opt.MaxTokens, r.MaxPositions())
+	}
+	cache := r.NewCache()
+	logits, err := r.Forward(cache, prompt, false)
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for len(out) < opt.MaxTokens {
+		if err := ctx.Err(); err != nil {
+			return out, err
+		}
+		next := Argmax(logits)
+		out = append(out, next)
+		if opt.OnToken != nil {
+			opt.OnToken(next)
+		}
+		if slices.Contains(opt.StopIDs, next) || len(out) == opt.MaxTokens {
+			break
+		}
+		if logits, err = r.Forward(cache, []int{next}, false); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// Argmax returns the index of the largest value, the first one on ties
+// (as torch.argmax on CPU).
+func Argmax(x []float32) int {
+	best := 0
+	for i, v := range x {
+		if v > x[best] {
+			best = i
+		}
+	}
+	return best
+}

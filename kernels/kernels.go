@@ -1,0 +1,180 @@
+// Package kernels holds the float32 compute primitives of the forward pass:
+// matrix products behind a small Backend interface that faster
+// implementations can fill, and the portable element-wise kernels
+// (RMSNorm, SwiGLU, softmax) and causal attention built on them.
+//
+// Layouts are row-major. Weights follow nn.Linear: W is out×in, so a
+// projection of m rows is dst[m×out] = x[m×in]·Wᵀ.
+package kernels
+
+import (
+	"math"
+	"runtime"
+	"sync"
+
+	"gonum.org/v1/gonum/blas"
+	"gonum.org/v1/gonum/blas/gonum"
+)
+
+// Backend computes matrix products. Implementations must be safe for
+// concurrent use.
+type Backend interface {
+	// Name identifies the implementation in reports.
+	Name() string
+	// Gemm computes C = alpha·op(A)·op(B) + beta·C on row-major strided
+	// matrices, as BLAS sgemm: op(A) is m×k, op(B) is k×n, C is m×n.
+	Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int)
+}
+
+// Gonum is the portable Backend on gonum's pure-Go BLAS.
+type Gonum struct{}
+
+// Name implements Backend.
+func (Gonum) Name() string { return "gonum" }
+
+// Gemm implements Backend.
+func (Gonum) Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
+		return
+	}
+	var impl gonum.Implementation
+	impl.Sgemm(trans(transA), trans(transB), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+func trans(t bool) blas.Transpose {
+	if t {
+		return blas.Trans
+	}
+	return blas.NoTrans
+}
+
+// Linear computes dst[m×out] = x[m×in]·wᵀ + bias, with w out×in and bias
+// nil or of length out.
+func Linear(be Backend, dst, x, w, bias []float32, m, out, in int) {
+	be.Gemm(false, true, m, out, in, 1, x, in, w, in, 0, dst, out)
+	if bias != nil {
+		for r := range m {
+			row := dst[r*out : (r+1)*out]
+			for j, b := range bias {
+				row[j] += b
+			}
+		}
+	}
+}
+
+// RMSNorm writes dst[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight for each of
+// the rows of length len(weight). dst may alias x.
+func RMSNorm(dst, x, weight []float32, eps float32) {
+	dim := len(weight)
+	for r := 0; r+dim <= len(x); r += dim {
+		row := x[r : r+dim]
+		var ss float32
+		for _, v := range row {
+			ss += v * v
+		}
+		inv := float32(1 / math.Sqrt(float64(ss/float32(dim)+eps)))
+		out := dst[r : r+dim]
+		for i, v := range row {
+			out[i] = weight[i] * (v * inv)
+		}
+	}
+}
+
+// SwiGLU writes gate[i] = silu(gate[i])·up[i].
+func SwiGLU(gate, up []float32) {
+	for i, g := range gate {
+		gate[i] = g / (1 + float32(math.Exp(float64(-g)))) * up[i]
+	}
+}
+
+// Add writes dst[i] += x[i].
+func Add(dst, x []float32) {
+	for i, v := range x {
+		dst[i] += v
+	}
+}
+
+// SoftmaxInPlace normalizes x to a probability vector, in float32 with the
+// maximum subtracted first.
+func SoftmaxInPlace(x []float32) {
+	if len(x) == 0 {
+		return
+	}
+	m := x[0]
+	for _, v := range x[1:] {
+		m = max(m, v)
+	}
+	var sum float32
+	for i, v := range x {
+		e := float32(math.Exp(float64(v - m)))
+		x[i] = e
+		sum += e
+	}
+	inv := 1 / sum
+	for i := range x {
+		x[i] *= inv
+	}
+}
+
+// Attention shape of one call: nq new query rows at positions
+// past..past+nq-1 attend to the cached keys/values of positions 0..past+nq-1.
+type Attention struct {
+	Heads, KVHeads, HeadDim int
+	// Window limits each query to the last Window positions (0 = unlimited).
+	Window int
+	// Scale multiplies the scores, usually 1/sqrt(HeadDim).
+	Scale float32
+}
+
+// queryBlock is the number of query rows whose scores are computed together.
+const queryBlock = 128
+
+// Causal computes grouped-query causal attention. q is nq×(Heads·HeadDim),
+// k and v are (past+nq)×(KVHeads·HeadDim); out is nq×(Heads·HeadDim).
+// Query head h reads KV head h/(Heads/KVHeads). Heads run in parallel.
+func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
+	total := past + nq
+	qStride, kvStride := a.Heads*a.HeadDim, a.KVHeads*a.HeadDim
+	group := a.Heads / a.KVHeads
+	d := a.HeadDim
+	workers := min(runtime.GOMAXPROCS(0), a.Heads)
+	var wg sync.WaitGroup
+	next := make(chan int, a.Heads)
+	for h := range a.Heads {
+		next <- h
+	}
+	close(next)
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			scores := make([]float32, min(nq, queryBlock)*total)
+			for h := range next {
+				g := h / group
+				// Query rows go in blocks so that each block multiplies only
+				// the keys it can see, which halves the work of a prefill.
+				for i0 := 0; i0 < nq; i0 += queryBlock {
+					rows := min(queryBlock, nq-i0)
+					seen := past + i0 + rows
+					// s[rows×seen] = scale · Q_h · K_gᵀ
+					s := scores[:rows*seen]
+					be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kvStride, 0, s, seen)
+					for i := range rows {
+						row := s[i*seen : (i+1)*seen]
+						last := past + i0 + i // last visible position
+						first := 0
+						if a.Window > 0 {
+							first = max(0, last-a.Window+1)
+						}
+						SoftmaxInPlace(row[first : last+1])
+						clear(row[:first])
+						clear(row[last+1:])
+					}
+					// out_h[rows×d] = P · V_g
+					be.Gemm(false, false, rows, d, seen, 1, s, seen, v[g*d:], kvStride, 0, out[i0*qStride+h*d:], qStride)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}

@@ -1,0 +1,185 @@
+package kernels
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+)
+
+// float32 accumulation over a few hundred terms: a relative tolerance of a
+// few hundred ulps of float32 (2^-23 ≈ 1.2e-7).
+const tol = 1e-5
+
+func randSlice(rng *rand.Rand, n int) []float32 {
+	s := make([]float32, n)
+	for i := range s {
+		s[i] = float32(rng.NormFloat64())
+	}
+	return s
+}
+
+func assertClose(t *testing.T, what string, got []float32, want []float64) {
+	t.Helper()
+	var maxErr, maxRef float64
+	worst := 0
+	for i := range want {
+		if math.IsNaN(float64(got[i])) {
+			t.Fatalf("%s: NaN at %d (a stray or missing write)", what, i)
+		}
+		if e := math.Abs(float64(got[i]) - want[i]); e > maxErr {
+			maxErr, worst = e, i
+		}
+		maxRef = math.Max(maxRef, math.Abs(want[i]))
+	}
+	if maxErr > tol*math.Max(maxRef, 1) {
+		t.Fatalf("%s: max abs error %.3g at %d (got %v, want %v), reference scale %.3g", what, maxErr, worst, got[worst], want[worst], maxRef)
+	}
+}
+
+func TestLinear(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, tc := range []struct {
+		name      string
+		m, out, k int
+		bias      bool
+	}{
+		{"row", 1, 7, 5, false},
+		{"square", 16, 16, 16, true},
+		{"tall", 33, 9, 70, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			x, w := randSlice(rng, tc.m*tc.k), randSlice(rng, tc.out*tc.k)
+			var b []float32
+			if tc.bias {
+				b = randSlice(rng, tc.out)
+			}
+			dst := make([]float32, tc.m*tc.out)
+			for i := range dst {
+				dst[i] = float32(math.NaN())
+			}
+			Linear(Gonum{}, dst, x, w, b, tc.m, tc.out, tc.k)
+			want := make([]float64, tc.m*tc.out)
+			for r := range tc.m {
+				for o := range tc.out {
+					var s float64
+					for i := range tc.k {
+						s += float64(x[r*tc.k+i]) * float64(w[o*tc.k+i])
+					}
+					if b != nil {
+						s += float64(b[o])
+					}
+					want[r*tc.out+o] = s
+				}
+			}
+			assertClose(t, "linear", dst, want)
+		})
+	}
+}
+
+func TestRMSNormAndSwiGLU(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	x, w := randSlice(rng, 3*8), randSlice(rng, 8)
+	dst := make([]float32, len(x))
+	RMSNorm(dst, x, w, 1e-5)
+	want := make([]float64, len(x))
+	for r := range 3 {
+		var ss float64
+		for i := range 8 {
+			ss += float64(x[r*8+i]) * float64(x[r*8+i])
+		}
+		inv := 1 / math.Sqrt(ss/8+1e-5)
+		for i := range 8 {
+			want[r*8+i] = float64(w[i]) * float64(x[r*8+i]) * inv
+		}
+	}
+	assertClose(t, "rmsnorm", dst, want)
+
+	g, u := randSlice(rng, 10), randSlice(rng, 10)
+	wantG := make([]float64, 10)
+	for i := range g {
+		gi := float64(g[i])
+		wantG[i] = gi / (1 + math.Exp(-gi)) * float64(u[i])
+	}
+	SwiGLU(g, u)
+	assertClose(t, "swiglu", g, wantG)
+}
+
+// referenceAttention is the textbook definition in float64, one query at a time.
+func referenceAttention(a Attention, q, k, v []float32, nq, past int) []float64 {
+	d, group := a.HeadDim, a.Heads/a.KVHeads
+	qs, kvs := a.Heads*d, a.KVHeads*d
+	out := make([]float64, nq*qs)
+	for i := range nq {
+		pos := past + i
+		for h := range a.Heads {
+			g := h / group
+			lo := 0
+			if a.Window > 0 {
+				lo = max(0, pos-a.Window+1)
+			}
+			scores := make([]float64, pos+1)
+			m := math.Inf(-1)
+			for j := lo; j <= pos; j++ {
+				var s float64
+				for c := range d {
+					s += float64(q[i*qs+h*d+c]) * float64(k[j*kvs+g*d+c])
+				}
+				scores[j] = s * float64(a.Scale)
+				m = math.Max(m, scores[j])
+			}
+			var z float64
+			for j := lo; j <= pos; j++ {
+				scores[j] = math.Exp(scores[j] - m)
+				z += scores[j]
+			}
+			for j := lo; j <= pos; j++ {
+				for c := range d {
+					out[i*qs+h*d+c] += scores[j] / z * float64(v[j*kvs+g*d+c])
+				}
+			}
+		}
+	}
+	return out
+}
+
+func TestCausalAttention(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, tc := range []struct {
+		name              string
+		heads, kvHeads, d int
+		nq, past, window  int
+	}{
+		{"prefill-mha", 4, 4, 8, 17, 0, 0},
+		{"prefill-gqa", 6, 2, 16, 33, 0, 0},
+		{"decode-gqa", 8, 2, 8, 1, 40, 0},
+		{"chunk-after-past", 4, 1, 8, 5, 12, 0},
+		{"sliding-window", 4, 2, 8, 20, 3, 7},
+		{"several-query-blocks", 4, 2, 8, 300, 0, 0},
+		{"blocks-after-past-windowed", 4, 2, 8, 150, 20, 9},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := Attention{Heads: tc.heads, KVHeads: tc.kvHeads, HeadDim: tc.d, Window: tc.window, Scale: float32(1 / math.Sqrt(float64(tc.d)))}
+			total := tc.past + tc.nq
+			q := randSlice(rng, tc.nq*tc.heads*tc.d)
+			k := randSlice(rng, total*tc.kvHeads*tc.d)
+			v := randSlice(rng, total*tc.kvHeads*tc.d)
+			out := make([]float32, len(q))
+			for i := range out {
+				out[i] = float32(math.NaN())
+			}
+			a.Causal(Gonum{}, out, q, k, v, tc.nq, tc.past)
+			assertClose(t, "attention", out, referenceAttention(a, q, k, v, tc.nq, tc.past))
+		})
+	}
+}
+
+func BenchmarkLinear1024x768x768(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	x, w := randSlice(rng, 1024*768), randSlice(rng, 768*768)
+	dst := make([]float32, 1024*768)
+	b.SetBytes(int64(4 * (len(x) + len(w) + len(dst))))
+	for b.Loop() {
+		Linear(Gonum{}, dst, x, w, nil, 1024, 768, 768)
+	}
+	b.ReportMetric(2*1024*768*768*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+}

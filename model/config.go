@@ -1,0 +1,382 @@
+// Package model reads Hugging Face causal-LM checkpoints of the GQA families
+// this project converts (Llama, Mistral, Qwen2): config.json into one
+// canonical Config, and the safetensors weights into float32 layers.
+package model
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/transmla/transmla/rope"
+)
+
+// Config is the canonical, validated form of a checkpoint's config.json.
+// Aliases between transformers versions (rope_theta at the top level or under
+// rope_parameters, rope_scaling "type" or "rope_type", dtype or torch_dtype)
+// are resolved at parse time.
+type Config struct {
+	// Architecture is the Hugging Face class name, e.g. "LlamaForCausalLM".
+	Architecture string
+	// ModelType is config.json's model_type, e.g. "llama".
+	ModelType        string
+	HiddenSize       int
+	IntermediateSize int
+	NumLayers        int
+	NumHeads         int
+	NumKVHeads       int
+	// HeadDim is explicit in config.json or hidden_size / num_attention_heads.
+	HeadDim   int
+	VocabSize int
+	// MaxPositionEmbeddings is the trained context length.
+	MaxPositionEmbeddings int
+	RMSNormEps            float64
+	// Rope describes the rotary embedding (Dim is the rotated part of a head).
+	Rope rope.Params
+	// TieWordEmbeddings makes the LM head reuse the token embedding.
+	TieWordEmbeddings bool
+	// QKVBias and OBias say which attention projections carry a bias.
+	QKVBias, OBias bool
+	// MLPBias says whether gate/up/down projections carry a bias.
+	MLPBias bool
+	// SlidingWindow limits attention to the last SlidingWindow positions; 0 = full.
+	SlidingWindow int
+	// HiddenAct is the MLP activation (only "silu" is supported).
+	HiddenAct string
+	// DType is the declared weight dtype ("bfloat16", "float16", "float32"), possibly empty.
+	DType string
+	// BOSTokenID and EOSTokenIDs are the special ids, -1 / empty when absent.
+	BOSTokenID  int
+	EOSTokenIDs []int
+}
+
+// KVCacheValuesPerToken is the number of cached values per token over all
+// layers for standard GQA attention: 2·n_kv·d_h·layers.
+func (c Config) KVCacheValuesPerToken() int { return 2 * c.NumKVHeads * c.HeadDim * c.NumLayers }
+
+// rawConfig mirrors the config.json keys we read, across transformers versions.
+type rawConfig struct {
+	Architectures         []string        `json:"architectures"`
+	ModelType             string          `json:"model_type"`
+	HiddenSize            int             `json:"hidden_size"`
+	IntermediateSize      int             `json:"intermediate_size"`
+	NumHiddenLayers       int             `json:"num_hidden_layers"`
+	NumAttentionHeads     int             `json:"num_attention_heads"`
+	NumKeyValueHeads      *int            `json:"num_key_value_heads"`
+	HeadDim               *int            `json:"head_dim"`
+	VocabSize             int             `json:"vocab_size"`
+	MaxPositionEmbeddings int             `json:"max_position_embeddings"`
+	RMSNormEps            *float64        `json:"rms_norm_eps"`
+	RopeTheta             *float64        `json:"rope_theta"`
+	RopeScaling           map[string]any  `json:"rope_scaling"`
+	RopeParameters        map[string]any  `json:"rope_parameters"`
+	PartialRotaryFactor   *float64        `json:"partial_rotary_factor"`
+	TieWordEmbeddings     *bool           `json:"tie_word_embeddings"`
+	AttentionBias         *bool           `json:"attention_bias"`
+	MLPBias               *bool           `json:"mlp_bias"`
+	SlidingWindow         *int            `json:"sliding_window"`
+	UseSlidingWindow      *bool           `json:"use_sliding_window"`
+	HiddenAct             string          `json:"hidden_act"`
+	DType                 string          `json:"dtype"`
+	TorchDType            string          `json:"torch_dtype"`
+	BOSTokenID            *int            `json:"bos_token_id"`
+	EOSTokenID            json.RawMessage `json:"eos_token_id"`
+}
+
+// LoadConfig reads dir/config.json (or a config.json path).
+func LoadConfig(path string) (Config, error) {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		path = filepath.Join(path, "config.json")
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read model config: %w", err)
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig parses config.json bytes; name is used in error messages.
+func ParseConfig(name string, data []byte) (Config, error) {
+	var raw rawConfig
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&raw); err != nil {
+		return Config{}, fmt.Errorf("%s: invalid JSON: %w", name, err)
+	}
+	if len(raw.Architectures) == 0 {
+		return Config{}, fmt.Errorf("%s: no \"architectures\" entry (supported: %s)", name, strings.Join(Supported(), ", "))
+	}
+	archName := raw.Architectures[0]
+	arch, ok := lookup(archName)
+	if !ok {
+		return Config{}, fmt.Errorf("%s: unsupported architecture %q (supported: %s)", name, archName, strings.Join(Supported(), ", "))
+	}
+	c, err := raw.canonical(archName)
+	if err != nil {
+		return Config{}, fmt.Errorf("%s: %w", name, err)
+	}
+	if err := arch.Normalize(&c, &raw); err != nil {
+		return Config{}, fmt.Errorf("%s: %s: %w", name, archName, err)
+	}
+	if err := c.validate(); err != nil {
+		return Config{}, fmt.Errorf("%s: %w", name, err)
+	}
+	return c, nil
+}
+
+func (r *rawConfig) canonical(arch string) (Config, error) {
+	c := Config{
+		Architecture:          arch,
+		ModelType:             r.ModelType,
+		HiddenSize:            r.HiddenSize,
+		IntermediateSize:      r.IntermediateSize,
+		NumLayers:             r.NumHiddenLayers,
+		NumHeads:              r.NumAttentionHeads,
+		VocabSize:             r.VocabSize,
+		MaxPositionEmbeddings: r.MaxPositionEmbeddings,
+		HiddenAct:             r.HiddenAct,
+		DType:                 r.DType,
+		BOSTokenID:            -1,
+	}
+	if c.DType == "" {
+		c.DType = r.TorchDType
+	}
+	if c.HiddenAct == "" {
+		c.HiddenAct = "silu"
+	}
+	c.NumKVHeads = c.NumHeads
+	if r.NumKeyValueHeads != nil {
+		c.NumKVHeads = *r.NumKeyValueHeads
+	}
+	if r.HeadDim != nil && *r.HeadDim > 0 {
+		c.HeadDim = *r.HeadDim
+	} else if c.NumHeads > 0 {
+		if c.HiddenSize%c.NumHeads != 0 {
+			return c, fmt.Errorf("hidden_size %d is not divisible by num_attention_heads %d and no head_dim is given", c.HiddenSize, c.NumHeads)
+		}
+		c.HeadDim = c.HiddenSize / c.NumHeads
+	}
+	c.RMSNormEps = 1e-6
+	if r.RMSNormEps != nil {
+		c.RMSNormEps = *r.RMSNormEps
+	}
+	if r.TieWordEmbeddings != nil {
+		c.TieWordEmbeddings = *r.TieWordEmbeddings
+	}
+	if r.AttentionBias != nil && *r.AttentionBias {
+		c.QKVBias, c.OBias = true, true
+	}
+	if r.MLPBias != nil {
+		c.MLPBias = *r.MLPBias
+	}
+	if r.SlidingWindow != nil && (r.UseSlidingWindow == nil || *r.UseSlidingWindow) {
+		c.SlidingWindow = *r.SlidingWindow
+	}
+	if r.BOSTokenID != nil {
+		c.BOSTokenID = *r.BOSTokenID
+	}
+	eos, err := parseIDs(r.EOSTokenID)
+	if err != nil {
+		return c, fmt.Errorf("eos_token_id: %w", err)
+	}
+	c.EOSTokenIDs = eos
+	rp, err := r.ropeParams(c.HeadDim)
+	if err != nil {
+		return c, err
+	}
+	c.Rope = rp
+	return c, nil
+}
+
+// parseIDs accepts null, a number or a list of numbers.
+func parseIDs(raw json.RawMessage) ([]int, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var one int
+	if err := json.Unmarshal(raw, &one); err == nil {
+		return []int{one}, nil
+	}
+	var many []int
+	if err := json.Unmarshal(raw, &many); err != nil {
+		return nil, fmt.Errorf("want an integer or a list of integers, got %s", raw)
+	}
+	return many, nil
+}
+
+// ropeParams merges rope_theta / rope_scaling (transformers 4.x) and
+// rope_parameters (transformers 5.x) into one description.
+func (r *rawConfig) ropeParams(headDim int) (rope.Params, error) {
+	p := rope.Params{Dim: headDim, Theta: 10000}
+	if r.RopeTheta != nil {
+		p.Theta = *r.RopeTheta
+	}
+	if r.PartialRotaryFactor != nil {
+		p.Dim = int(float64(headDim) * *r.PartialRotaryFactor)
+	}
+	var scaling map[string]any
+	switch {
+	case r.RopeParameters != nil:
+		scaling = r.RopeParameters
+		if t, ok := r.RopeParameters["rope_theta"]; ok {
+			v, ok := t.(float64)
+			if !ok {
+				return p, fmt.Errorf("rope_parameters.rope_theta: want a number, got %v", t)
+			}
+			p.Theta = v
+		}
+		if f, ok := r.RopeParameters["partial_rotary_factor"].(float64); ok {
+			p.Dim = int(float64(headDim) * f)
+		}
+	case r.RopeScaling != nil:
+		scaling = r.RopeScaling
+	}
+	if scaling == nil {
+		return p, nil
+	}
+	s, err := parseScaling(scaling)
+	if err != nil {
+		return p, err
+	}
+	if s.OriginalMaxPositionEmbeddings == 0 {
+		s.OriginalMaxPositionEmbeddings = r.MaxPositionEmbeddings
+	}
+	p.Scaling = s
+	return p, nil
+}
+
+func parseScaling(m map[string]any) (rope.Scaling, error) {
+	var s rope.Scaling
+	typ, _ := m["rope_type"].(string)
+	if typ == "" {
+		typ, _ = m["type"].(string)
+	}
+	s.Type = typ
+	num := func(key string, dst *float64) error {
+		v, ok := m[key]
+		if !ok || v == nil {
+			return nil
+		}
+		f, ok := v.(float64)
+		if !ok {
+			return fmt.Errorf("rope scaling %q: want a number, got %v", key, v)
+		}
+		*dst = f
+		return nil
+	}
+	var orig float64
+	for _, kv := range []struct {
+		key string
+		dst *float64
+	}{
+		{"factor", &s.Factor},
+		{"low_freq_factor", &s.LowFreqFactor},
+		{"high_freq_factor", &s.HighFreqFactor},
+		{"original_max_position_embeddings", &orig},
+		{"beta_fast", &s.BetaFast},
+		{"beta_slow", &s.BetaSlow},
+		{"attention_factor", &s.AttentionFactor},
+		{"mscale", &s.MScale},
+		{"mscale_all_dim", &s.MScaleAllDim},
+	} {
+		if err := num(kv.key, kv.dst); err != nil {
+			return s, err
+		}
+	}
+	s.OriginalMaxPositionEmbeddings = int(orig)
+	if t, ok := m["truncate"].(bool); ok && !t {
+		s.NoTruncate = true
+	}
+	if !validScaling(s.Type) {
+		return s, fmt.Errorf("unsupported rope scaling type %q (supported: %s)", s.Type, strings.Join(rope.Types, ", "))
+	}
+	return s, nil
+}
+
+func validScaling(t string) bool {
+	if t == "" {
+		return true
+	}
+	for _, s := range rope.Types {
+		if s == t {
+			return true
+		}
+	}
+	return false
+}
+
+func (c Config) validate() error {
+	positive := []struct {
+		key string
+		v   int
+	}{
+		{"hidden_size", c.HiddenSize},
+		{"intermediate_size", c.IntermediateSize},
+		{"num_hidden_layers", c.NumLayers},
+		{"num_attention_heads", c.NumHeads},
+		{"num_key_value_heads", c.NumKVHeads},
+		{"head_dim", c.HeadDim},
+		{"vocab_size", c.VocabSize},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			return fmt.Errorf("%s must be positive, got %d", p.key, p.v)
+		}
+	}
+	if c.NumHeads%c.NumKVHeads != 0 {
+		return fmt.Errorf("num_attention_heads %d is not a multiple of num_key_value_heads %d", c.NumHeads, c.NumKVHeads)
+	}
+	if c.Rope.Dim <= 0 || c.Rope.Dim%2 != 0 || c.Rope.Dim > c.HeadDim {
+		return fmt.Errorf("rotary dimension %d must be even and in (0, head_dim %d]", c.Rope.Dim, c.HeadDim)
+	}
+	if _, _, err := c.Rope.InvFreq(); err != nil {
+		return err
+	}
+	if !(c.RMSNormEps > 0) {
+		return fmt.Errorf("rms_norm_eps must be positive, got %v", c.RMSNormEps)
+	}
+	if c.HiddenAct != "silu" {
+		return fmt.Errorf("hidden_act %q is not supported (supported: silu)", c.HiddenAct)
+	}
+	if c.SlidingWindow < 0 {
+		return fmt.Errorf("sliding_window must not be negative, got %d", c.SlidingWindow)
+	}
+	return nil
+}
+
+// architecture is one supported model family. It adjusts the generic config
+// to the family's defaults and rules.
+type architecture interface {
+	// Name is the Hugging Face class name in config.json's "architectures".
+	Name() string
+	// Normalize applies the family's defaults and rejects what it cannot run.
+	Normalize(c *Config, raw *rawConfig) error
+}
+
+// registry maps architecture names to families; filled by init and read-only after.
+var registry = map[string]architecture{}
+
+func register(a architecture) {
+	if _, dup := registry[a.Name()]; dup {
+		panic("model: architecture registered twice: " + a.Name())
+	}
+	registry[a.Name()] = a
+}
+
+func lookup(name string) (architecture, bool) {
+	a, ok := registry[name]
+	return a, ok
+}
+
+// Supported lists the supported architecture names, sorted.
+func Supported() []string {
+	names := make([]string, 0, len(registry))
+	for n := range registry {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
