@@ -16,7 +16,7 @@ import (
 	"github.com/transmla/transmla/tokenizer"
 )
 
-func loadShared(t *testing.T, name string) (*model.Model, *tokenizer.Tokenizer) {
+func loadShared(t testing.TB, name string) (*model.Model, *tokenizer.Tokenizer) {
 	t.Helper()
 	dir := sharedtest.Path(t, filepath.Join("models", name))
 	m, err := model.Load(context.Background(), dir, nil)

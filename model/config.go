@@ -6,9 +6,11 @@ package model
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"strings"
 
@@ -21,9 +23,7 @@ import (
 // are resolved at parse time.
 type Config struct {
 	// Architecture is the Hugging Face class name, e.g. "LlamaForCausalLM".
-	Architecture string
-	// ModelType is config.json's model_type, e.g. "llama".
-	ModelType        string
+	Architecture     string
 	HiddenSize       int
 	IntermediateSize int
 	NumLayers        int
@@ -47,8 +47,6 @@ type Config struct {
 	SlidingWindow int
 	// HiddenAct is the MLP activation (only "silu" is supported).
 	HiddenAct string
-	// DType is the declared weight dtype ("bfloat16", "float16", "float32"), possibly empty.
-	DType string
 	// BOSTokenID and EOSTokenIDs are the special ids, -1 / empty when absent.
 	BOSTokenID  int
 	EOSTokenIDs []int
@@ -61,7 +59,6 @@ func (c Config) KVCacheValuesPerToken() int { return 2 * c.NumKVHeads * c.HeadDi
 // rawConfig mirrors the config.json keys we read, across transformers versions.
 type rawConfig struct {
 	Architectures         []string        `json:"architectures"`
-	ModelType             string          `json:"model_type"`
 	HiddenSize            int             `json:"hidden_size"`
 	IntermediateSize      int             `json:"intermediate_size"`
 	NumHiddenLayers       int             `json:"num_hidden_layers"`
@@ -81,8 +78,6 @@ type rawConfig struct {
 	SlidingWindow         *int            `json:"sliding_window"`
 	UseSlidingWindow      *bool           `json:"use_sliding_window"`
 	HiddenAct             string          `json:"hidden_act"`
-	DType                 string          `json:"dtype"`
-	TorchDType            string          `json:"torch_dtype"`
 	BOSTokenID            *int            `json:"bos_token_id"`
 	EOSTokenID            json.RawMessage `json:"eos_token_id"`
 }
@@ -104,6 +99,10 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	var raw rawConfig
 	dec := json.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&raw); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return Config{}, fmt.Errorf("%s: key %q: want %s, got a JSON %s", name, typeErr.Field, jsonKind(typeErr.Type), typeErr.Value)
+		}
 		return Config{}, fmt.Errorf("%s: invalid JSON: %w", name, err)
 	}
 	if len(raw.Architectures) == 0 {
@@ -130,7 +129,6 @@ func ParseConfig(name string, data []byte) (Config, error) {
 func (r *rawConfig) canonical(arch string) (Config, error) {
 	c := Config{
 		Architecture:          arch,
-		ModelType:             r.ModelType,
 		HiddenSize:            r.HiddenSize,
 		IntermediateSize:      r.IntermediateSize,
 		NumLayers:             r.NumHiddenLayers,
@@ -138,11 +136,7 @@ func (r *rawConfig) canonical(arch string) (Config, error) {
 		VocabSize:             r.VocabSize,
 		MaxPositionEmbeddings: r.MaxPositionEmbeddings,
 		HiddenAct:             r.HiddenAct,
-		DType:                 r.DType,
 		BOSTokenID:            -1,
-	}
-	if c.DType == "" {
-		c.DType = r.TorchDType
 	}
 	if c.HiddenAct == "" {
 		c.HiddenAct = "silu"
@@ -189,6 +183,24 @@ func (r *rawConfig) canonical(arch string) (Config, error) {
 	}
 	c.Rope = rp
 	return c, nil
+}
+
+// jsonKind names a Go type the way a config.json author thinks of it.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	default:
+		return "a number"
+	}
 }
 
 // parseIDs accepts null, a number or a list of numbers.

@@ -93,6 +93,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad activation", `{` + llamaBase + `, "hidden_act": "gelu"}`, `hidden_act "gelu" is not supported`},
 		{"qwen2 sliding", `{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 			"num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 100, "use_sliding_window": true, "sliding_window": 8}`, "use_sliding_window=true"},
+		{"wrong JSON type", `{` + llamaBase + `, "rope_scaling": "linear"}`, `config.json: key "rope_scaling": want an object, got a JSON string`},
+		{"number as string", `{` + llamaBase + `, "head_dim": "128"}`, `config.json: key "head_dim": want a number, got a JSON string`},
 		{"bad eos", `{` + llamaBase + `, "eos_token_id": "x"}`, "eos_token_id"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
