@@ -66,11 +66,7 @@ inspect, eval on a built-in text and generate on it.`,
 				rep.Architecture, rep.Layers, rep.Heads, rep.HeadDim, rep.KVHeads, float64(rep.Parameters)/1e6, rep.DType)
 			fmt.Fprintf(w, "KV cache: %d values = %d B per token\n", rep.KVCacheValuesPerToken, rep.KVCacheBytesPerToken)
 
-			tok, err := loadTokenizer(dir)
-			if err != nil {
-				return err
-			}
-			m, err := loadModel(c.Context, dir, c.App.ErrWriter)
+			m, tok, err := loadModel(c.Context, dir, c.App.ErrWriter)
 			if err != nil {
 				return err
 			}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"runtime"
 
 	"github.com/urfave/cli/v2"
@@ -45,33 +44,25 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			if err := requireFlags(c, "data"); err != nil {
 				return err
 			}
-			if c.NArg() != 1 {
-				return usagef("eval needs exactly one MODEL argument, got %d", c.NArg())
-			}
 			if c.Int("ctx") < 2 {
 				return usagef("--ctx must be at least 2, got %d", c.Int("ctx"))
 			}
 			if c.Int("max-windows") < 0 {
 				return usagef("--max-windows must not be negative")
 			}
-			arg := c.Args().First()
-			dir, err := modelDir(arg)
+			dir, err := modelArg(c)
 			if err != nil {
 				return err
 			}
-			tok, err := loadTokenizer(dir)
+			text, err := readData(c)
 			if err != nil {
 				return err
 			}
-			text, err := os.ReadFile(c.String("data"))
-			if err != nil {
-				return fmt.Errorf("read --data: %w", err)
-			}
-			m, err := loadModel(c.Context, dir, c.App.ErrWriter)
+			m, tok, err := loadModel(c.Context, dir, c.App.ErrWriter)
 			if err != nil {
 				return err
 			}
-			ids := tok.Encode(string(text), true)
+			ids := tok.Encode(text, true)
 			be := kernels.Gonum{}
 			runner, err := eval.NewRunner(m, be, c.Int("ctx"))
 			if err != nil {

@@ -24,21 +24,14 @@ then decodes greedily until --max-tokens or an EOS token.`,
 			&cli.BoolFlag{Name: "ignore-eos", Usage: "keep generating after an EOS token"},
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 1 {
-				return usagef("generate needs exactly one MODEL argument, got %d", c.NArg())
-			}
 			if c.Int("max-tokens") < 1 {
 				return usagef("--max-tokens must be at least 1, got %d", c.Int("max-tokens"))
 			}
-			dir, err := modelDir(c.Args().First())
+			dir, err := modelArg(c)
 			if err != nil {
 				return err
 			}
-			tok, err := loadTokenizer(dir)
-			if err != nil {
-				return err
-			}
-			m, err := loadModel(c.Context, dir, c.App.ErrWriter)
+			m, tok, err := loadModel(c.Context, dir, c.App.ErrWriter)
 			if err != nil {
 				return err
 			}

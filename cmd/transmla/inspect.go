@@ -52,10 +52,7 @@ func inspectCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 1 {
-				return usagef("inspect needs exactly one MODEL argument, got %d", c.NArg())
-			}
-			dir, err := modelDir(c.Args().First())
+			dir, err := modelArg(c)
 			if err != nil {
 				return err
 			}

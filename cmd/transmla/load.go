@@ -26,14 +26,34 @@ func modelDir(arg string) (string, error) {
 	return filepath.Dir(arg), nil
 }
 
-func loadModel(ctx context.Context, arg string, stderr io.Writer) (*model.Model, error) {
-	dir, err := modelDir(arg)
+// modelArg checks that the command got exactly one MODEL argument and
+// resolves it to a checkpoint directory.
+func modelArg(c *cli.Context) (string, error) {
+	if c.NArg() != 1 {
+		return "", usagef("%s needs exactly one MODEL argument, got %d", c.Command.Name, c.NArg())
+	}
+	return modelDir(c.Args().First())
+}
+
+// loadModel reads the checkpoint in dir and its tokenizer, with a progress bar.
+func loadModel(ctx context.Context, dir string, stderr io.Writer) (*model.Model, *tokenizer.Tokenizer, error) {
+	tok, err := loadTokenizer(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	p := newProgress(stderr, 1, "loading weights")
 	defer p.Done()
-	return model.Load(ctx, dir, p.Set)
+	m, err := model.Load(ctx, dir, p.Set)
+	return m, tok, err
+}
+
+// readData reads the --data file.
+func readData(c *cli.Context) (string, error) {
+	text, err := os.ReadFile(c.String("data"))
+	if err != nil {
+		return "", fmt.Errorf("read --data: %w", err)
+	}
+	return string(text), nil
 }
 
 func loadTokenizer(dir string) (*tokenizer.Tokenizer, error) {

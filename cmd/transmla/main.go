@@ -68,7 +68,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Writer:    stdout,
 		ErrWriter: stderr,
 		Flags: []cli.Flag{
-			&cli.IntFlag{Name: "threads", Usage: "CPU threads for compute (default: all cores)", Value: runtime.NumCPU()},
+			&cli.IntFlag{Name: "threads", Usage: "CPU threads for compute (the default is every core)", Value: runtime.NumCPU()},
 		},
 		Before: func(c *cli.Context) error {
 			if n := c.Int("threads"); n > 0 {

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -28,10 +27,7 @@ e.g. for scripts/torch_eval.py.`,
 			if err := requireFlags(c, "data"); err != nil {
 				return err
 			}
-			if c.NArg() != 1 {
-				return usagef("tokenize needs exactly one MODEL argument, got %d", c.NArg())
-			}
-			dir, err := modelDir(c.Args().First())
+			dir, err := modelArg(c)
 			if err != nil {
 				return err
 			}
@@ -39,12 +35,12 @@ e.g. for scripts/torch_eval.py.`,
 			if err != nil {
 				return err
 			}
-			text, err := os.ReadFile(c.String("data"))
+			text, err := readData(c)
 			if err != nil {
-				return fmt.Errorf("read --data: %w", err)
+				return err
 			}
 			start := time.Now()
-			ids := tok.Encode(string(text), true)
+			ids := tok.Encode(text, true)
 			secs := time.Since(start).Seconds()
 			if out := c.String("ids-out"); out != "" {
 				data, err := json.Marshal(ids)
