@@ -11,17 +11,15 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/internal/sharedtest"
 )
 
 // sharedModel returns the path of a checkpoint in the project's shared
 // reference data, skipping the test when that data is absent.
 func sharedModel(t *testing.T, name string) string {
 	t.Helper()
-	p := filepath.Join("..", "..", "shared", "models", name, "model.safetensors")
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("shared model data not available (%v); it lives in ../shared beside the project root", err)
-	}
-	return p
+	return sharedtest.Path(t, filepath.Join("models", name, "model.safetensors"))
 }
 
 // sharedFact is an expected property of one tensor of a shared model. The

@@ -7,26 +7,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/internal/sharedtest"
 )
-
-// sharedDir holds the project's reference models and data, outside the
-// repository.
-const sharedDir = "../../shared"
-
-// sharedFile returns the path of a file under sharedDir, skipping the test
-// when it is absent.
-func sharedFile(tb testing.TB, rel string) string {
-	tb.Helper()
-	path := filepath.Join(sharedDir, rel)
-	if _, err := os.Stat(path); err != nil {
-		tb.Skipf("reference file %s not available (%v); it lives in ../shared beside the repository", rel, err)
-	}
-	return path
-}
 
 func loadShared(tb testing.TB, rel string) *Tokenizer {
 	tb.Helper()
-	tok, err := Load(sharedFile(tb, rel))
+	tok, err := Load(sharedtest.Path(tb, rel))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -35,7 +22,7 @@ func loadShared(tb testing.TB, rel string) *Tokenizer {
 
 func readShared(tb testing.TB, rel string) string {
 	tb.Helper()
-	data, err := os.ReadFile(sharedFile(tb, rel))
+	data, err := os.ReadFile(sharedtest.Path(tb, rel))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -114,7 +101,7 @@ func TestStories260K(t *testing.T) {
 // BenchmarkEncodeWikiText measures encoding with a warm word cache (a
 // tokenizer reused across texts) and a cold one (a fresh tokenizer).
 func BenchmarkEncodeWikiText(b *testing.B) {
-	path := sharedFile(b, "models/llama-gqa-25m/tokenizer.json")
+	path := sharedtest.Path(b, "models/llama-gqa-25m/tokenizer.json")
 	data, err := os.ReadFile(path)
 	if err != nil {
 		b.Fatal(err)
