@@ -1,6 +1,7 @@
 package eval
 
 import (
+	"context"
 	"testing"
 
 	"github.com/transmla/transmla/kernels"
@@ -23,7 +24,7 @@ func BenchmarkForwardWindow(b *testing.B) {
 			cache := r.NewCache()
 			for b.Loop() {
 				cache.Reset()
-				if _, err := r.Forward(cache, ids, true); err != nil {
+				if _, err := r.Forward(context.Background(), cache, ids, true); err != nil {
 					b.Fatal(err)
 				}
 			}

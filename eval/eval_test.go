@@ -133,14 +133,14 @@ func TestIncrementalMatchesFullForward(t *testing.T) {
 		t.Fatal(err)
 	}
 	tokens := []int{5, 77, 200, 3, 3, 150, 9, 42, 250, 1}
-	full, err := r.Forward(r.NewCache(), tokens, true)
+	full, err := r.Forward(context.Background(), r.NewCache(), tokens, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cache := r.NewCache()
 	V := m.Config.VocabSize
 	// A prompt chunk of 4, then single tokens.
-	step, err := r.Forward(cache, tokens[:4], false)
+	step, err := r.Forward(context.Background(), cache, tokens[:4], false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestIncrementalMatchesFullForward(t *testing.T) {
 		if i == len(tokens) {
 			break
 		}
-		if step, err = r.Forward(cache, tokens[i:i+1], false); err != nil {
+		if step, err = r.Forward(context.Background(), cache, tokens[i:i+1], false); err != nil {
 			t.Fatal(err)
 		}
 	}

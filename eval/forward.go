@@ -3,6 +3,7 @@
 package eval
 
 import (
+	"context"
 	"fmt"
 	"math"
 
@@ -41,9 +42,6 @@ func NewRunner(m *model.Model, be kernels.Backend, maxPos int) (*Runner, error) 
 	}, nil
 }
 
-// Model returns the runner's model.
-func (r *Runner) Model() *model.Model { return r.model }
-
 // MaxPositions is the longest sequence the runner accepts.
 func (r *Runner) MaxPositions() int { return r.rope.Len() }
 
@@ -77,7 +75,8 @@ func (c *KVCache) Reset() { c.len = 0 }
 // Forward runs tokens at positions cache.Len()… through the model, appends
 // their keys and values to the cache and returns the logits: one row of
 // VocabSize per token when allLogits, else only the last token's row.
-func (r *Runner) Forward(cache *KVCache, tokens []int, allLogits bool) ([]float32, error) {
+// ctx is checked between layers, so a long prefill can be interrupted.
+func (r *Runner) Forward(ctx context.Context, cache *KVCache, tokens []int, allLogits bool) ([]float32, error) {
 	m := r.model
 	cfg := m.Config
 	n := len(tokens)
@@ -106,6 +105,9 @@ func (r *Runner) Forward(cache *KVCache, tokens []int, allLogits bool) ([]float3
 	gate := make([]float32, n*cfg.IntermediateSize)
 	up := make([]float32, n*cfg.IntermediateSize)
 	for li := range m.Layers {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		l := &m.Layers[li]
 		kAll := cache.k[li][:(past+n)*kvDim]
 		vAll := cache.v[li][:(past+n)*kvDim]

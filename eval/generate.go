@@ -12,8 +12,6 @@ type GenerateOptions struct {
 	MaxTokens int
 	// StopIDs end generation when produced (the stop token is included).
 	StopIDs []int
-	// OnToken, when not nil, receives each new token as it is produced.
-	OnToken func(id int)
 }
 
 // Greedy decodes with argmax from prompt, using the KV cache: the prompt is
@@ -26,7 +24,7 @@ func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) (
 		return nil, fmt.Errorf("generate: prompt %d + %d new tokens exceed %d positions", len(prompt), opt.MaxTokens, r.MaxPositions())
 	}
 	cache := r.NewCache()
-	logits, err := r.Forward(cache, prompt, false)
+	logits, err := r.Forward(ctx, cache, prompt, false)
 	if err != nil {
 		return nil, err
 	}
@@ -37,13 +35,10 @@ func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) (
 		}
 		next := Argmax(logits)
 		out = append(out, next)
-		if opt.OnToken != nil {
-			opt.OnToken(next)
-		}
 		if slices.Contains(opt.StopIDs, next) || len(out) == opt.MaxTokens {
 			break
 		}
-		if logits, err = r.Forward(cache, []int{next}, false); err != nil {
+		if logits, err = r.Forward(ctx, cache, []int{next}, false); err != nil {
 			return out, err
 		}
 	}

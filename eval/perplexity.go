@@ -60,7 +60,7 @@ func Perplexity(ctx context.Context, r *Runner, ids []int, opt PerplexityOptions
 		}
 		win := ids[w*opt.Ctx : (w+1)*opt.Ctx]
 		cache.Reset()
-		logits, err := r.Forward(cache, win, true)
+		logits, err := r.Forward(ctx, cache, win, true)
 		if err != nil {
 			return res, fmt.Errorf("window %d: %w", w, err)
 		}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 
@@ -19,22 +20,29 @@ import (
 
 // Config is the canonical, validated form of a checkpoint's config.json.
 // Aliases between transformers versions (rope_theta at the top level or under
-// rope_parameters, rope_scaling "type" or "rope_type", dtype or torch_dtype)
-// are resolved at parse time.
+// rope_parameters, rope_scaling "type" or "rope_type") are resolved at parse
+// time.
 type Config struct {
 	// Architecture is the Hugging Face class name, e.g. "LlamaForCausalLM".
-	Architecture     string
-	HiddenSize       int
+	Architecture string
+	// HiddenSize is the residual width D (hidden_size).
+	HiddenSize int
+	// IntermediateSize is the MLP width (intermediate_size).
 	IntermediateSize int
-	NumLayers        int
-	NumHeads         int
-	NumKVHeads       int
+	// NumLayers is the number of decoder blocks (num_hidden_layers).
+	NumLayers int
+	// NumHeads is the number of query heads H (num_attention_heads).
+	NumHeads int
+	// NumKVHeads is the number of key/value heads G (num_key_value_heads, default H).
+	NumKVHeads int
 	// HeadDim is explicit in config.json or hidden_size / num_attention_heads.
-	HeadDim   int
+	HeadDim int
+	// VocabSize is the number of embedding rows (vocab_size).
 	VocabSize int
 	// MaxPositionEmbeddings is the trained context length.
 	MaxPositionEmbeddings int
-	RMSNormEps            float64
+	// RMSNormEps is the RMSNorm epsilon (rms_norm_eps, default 1e-6).
+	RMSNormEps float64
 	// Rope describes the rotary embedding (Dim is the rotated part of a head).
 	Rope rope.Params
 	// TieWordEmbeddings makes the LM head reuse the token embedding.
@@ -302,22 +310,10 @@ func parseScaling(m map[string]any) (rope.Scaling, error) {
 	if t, ok := m["truncate"].(bool); ok && !t {
 		s.NoTruncate = true
 	}
-	if !validScaling(s.Type) {
+	if s.Type != "" && !slices.Contains(rope.Types, s.Type) {
 		return s, fmt.Errorf("unsupported rope scaling type %q (supported: %s)", s.Type, strings.Join(rope.Types, ", "))
 	}
 	return s, nil
-}
-
-func validScaling(t string) bool {
-	if t == "" {
-		return true
-	}
-	for _, s := range rope.Types {
-		if s == t {
-			return true
-		}
-	}
-	return false
 }
 
 func (c Config) validate() error {

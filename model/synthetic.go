@@ -16,9 +16,13 @@ import (
 // project generates itself, so that every command can run without
 // downloading weights.
 type SyntheticSpec struct {
+	// Layers, Hidden, Heads, KVHeads, HeadDim, Intermediate and Vocab are
+	// the config.json sizes of the same meaning.
 	Layers, Hidden, Heads, KVHeads, HeadDim, Intermediate, Vocab int
-	RopeTheta                                                    float64
-	MaxPositions                                                 int
+	// RopeTheta is the RoPE base.
+	RopeTheta float64
+	// MaxPositions is max_position_embeddings.
+	MaxPositions int
 	// QKVBias adds q/k/v biases (Qwen2-style) and writes a Qwen2 config.
 	QKVBias bool
 	// DType is the stored weight dtype.

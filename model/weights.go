@@ -4,8 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"os"
-	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/transmla/transmla/safetensors"
@@ -14,9 +13,8 @@ import (
 // Linear is a dense projection y = W·x + b in nn.Linear layout: W is Out×In,
 // row-major; B is nil or has Out entries.
 type Linear struct {
-	W       []float32
-	B       []float32
-	Out, In int
+	W []float32
+	B []float32
 }
 
 // Layer holds one decoder block's weights.
@@ -30,8 +28,6 @@ type Layer struct {
 // Model is a loaded checkpoint with float32 weights.
 type Model struct {
 	Config Config
-	// Dir is the checkpoint directory the model was loaded from.
-	Dir    string
 	Embed  []float32 // VocabSize×HiddenSize
 	Layers []Layer
 	Norm   []float32
@@ -48,28 +44,10 @@ func (m *Model) KVCacheBytesPerToken() int64 {
 	return int64(m.Config.KVCacheValuesPerToken()) * int64(m.StorageDType.Size())
 }
 
-// ParameterCount counts stored parameters (tied embeddings once).
-func (m *Model) ParameterCount() int64 {
-	n := int64(len(m.Embed) + len(m.Norm))
-	if !m.Config.TieWordEmbeddings {
-		n += int64(len(m.LMHead.W))
-	}
-	lin := func(l Linear) int64 { return int64(len(l.W) + len(l.B)) }
-	for _, l := range m.Layers {
-		n += int64(len(l.AttnNorm)+len(l.MLPNorm)) + lin(l.Q) + lin(l.K) + lin(l.V) + lin(l.O) + lin(l.Gate) + lin(l.Up) + lin(l.Down)
-	}
-	return n
-}
-
-// Load reads config.json and the safetensors weights of the checkpoint in
-// dir. progress, when not nil, is called after each tensor with the number
-// done and the total.
+// Load reads config.json and the safetensors weights of the checkpoint
+// directory dir. progress, when not nil, is called after each tensor with
+// the number done and the total.
 func Load(ctx context.Context, dir string, progress func(done, total int)) (*Model, error) {
-	if st, err := os.Stat(dir); err != nil {
-		return nil, fmt.Errorf("open model: %w", err)
-	} else if !st.IsDir() {
-		dir = filepath.Dir(dir)
-	}
 	cfg, err := LoadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -79,7 +57,7 @@ func Load(ctx context.Context, dir string, progress func(done, total int)) (*Mod
 		return nil, err
 	}
 	defer ckpt.Close()
-	return fromCheckpoint(ctx, cfg, dir, ckpt, progress)
+	return fromCheckpoint(ctx, cfg, ckpt, progress)
 }
 
 // tensorReq is one tensor the model needs, with the shape config.json implies.
@@ -89,10 +67,15 @@ type tensorReq struct {
 	dst   *[]float32
 }
 
-func fromCheckpoint(ctx context.Context, cfg Config, dir string, ckpt *safetensors.Checkpoint, progress func(done, total int)) (*Model, error) {
+func fromCheckpoint(ctx context.Context, cfg Config, ckpt *safetensors.Checkpoint, progress func(done, total int)) (*Model, error) {
+	// Each layer has several tensors: a layer count beyond the tensor count
+	// is a config error, found before anything is sized by it.
+	if cfg.NumLayers > len(ckpt.Names()) {
+		return nil, fmt.Errorf("config.json: num_hidden_layers %d exceeds the %d tensors of checkpoint %s", cfg.NumLayers, len(ckpt.Names()), strings.Join(ckpt.Files(), ", "))
+	}
 	D, I := cfg.HiddenSize, cfg.IntermediateSize
 	qOut, kvOut := cfg.NumHeads*cfg.HeadDim, cfg.NumKVHeads*cfg.HeadDim
-	m := &Model{Config: cfg, Dir: dir, Layers: make([]Layer, cfg.NumLayers)}
+	m := &Model{Config: cfg, Layers: make([]Layer, cfg.NumLayers)}
 	reqs := []tensorReq{
 		{"model.embed_tokens.weight", []int{cfg.VocabSize, D}, &m.Embed},
 		{"model.norm.weight", []int{D}, &m.Norm},
@@ -101,7 +84,6 @@ func fromCheckpoint(ctx context.Context, cfg Config, dir string, ckpt *safetenso
 		reqs = append(reqs, tensorReq{"lm_head.weight", []int{cfg.VocabSize, D}, &m.LMHead.W})
 	}
 	linear := func(prefix string, l *Linear, out, in int, bias bool) {
-		l.Out, l.In = out, in
 		reqs = append(reqs, tensorReq{prefix + ".weight", []int{out, in}, &l.W})
 		if bias {
 			reqs = append(reqs, tensorReq{prefix + ".bias", []int{out}, &l.B})
@@ -137,7 +119,6 @@ func fromCheckpoint(ctx context.Context, cfg Config, dir string, ckpt *safetenso
 	if cfg.TieWordEmbeddings {
 		m.LMHead.W = m.Embed
 	}
-	m.LMHead.Out, m.LMHead.In = cfg.VocabSize, D
 	if info, ok := ckpt.Info("model.layers.0.self_attn.q_proj.weight"); ok {
 		m.StorageDType = info.DType
 	}
@@ -149,7 +130,7 @@ func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
 	if !ok {
 		return nil, fmt.Errorf("checkpoint %s: tensor %q is missing (config.json implies it exists)", strings.Join(ckpt.Files(), ", "), r.name)
 	}
-	if !equalShape(info.Shape, r.shape) {
+	if !slices.Equal(info.Shape, r.shape) {
 		return nil, fmt.Errorf("checkpoint %s: tensor %q has shape %v, config.json implies %v", info.File, r.name, info.Shape, r.shape)
 	}
 	data, err := ckpt.Float32(r.name)
@@ -162,16 +143,4 @@ func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
 		}
 	}
 	return data, nil
-}
-
-func equalShape(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

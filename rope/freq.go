@@ -160,6 +160,9 @@ type Table struct {
 
 // NewTable precomputes the rotation for positions [0, maxPos).
 func NewTable(p Params, maxPos int) (*Table, error) {
+	if maxPos < 0 {
+		return nil, fmt.Errorf("rope: negative table length %d", maxPos)
+	}
 	inv, attn, err := p.InvFreq()
 	if err != nil {
 		return nil, err

@@ -40,13 +40,15 @@ func demoCommand() *cli.Command {
 "transmla synth" (to --dir, or a temporary directory removed afterwards), then runs
 inspect, eval on a built-in text and generate on it.`,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "dir", Usage: "keep the synthetic checkpoint in this directory (replaced if present)"},
+			&cli.StringFlag{Name: "dir", Usage: "keep the synthetic checkpoint in this directory (an existing one needs --force)"},
+			&cli.BoolFlag{Name: "force", Usage: "replace --dir if it exists"},
 			&cli.IntFlag{Name: "ctx", Usage: "eval window length", Value: 128},
 		},
 		Action: func(c *cli.Context) error {
 			w := c.App.Writer
-			dir := c.String("dir")
+			dir, force := c.String("dir"), c.Bool("force")
 			if dir == "" {
+				force = true // a fresh temporary directory
 				tmp, err := os.MkdirTemp("", "transmla-demo")
 				if err != nil {
 					return err
@@ -54,7 +56,7 @@ inspect, eval on a built-in text and generate on it.`,
 				defer os.RemoveAll(tmp)
 				dir = filepath.Join(tmp, "synthetic-gqa")
 			}
-			if err := writeSynthetic(c.Context, dir, model.DefaultSynthetic(), true); err != nil {
+			if err := writeSynthetic(c.Context, dir, model.DefaultSynthetic(), force); err != nil {
 				return err
 			}
 			fmt.Fprintf(w, "== synthetic checkpoint written to %s\n", dir)
@@ -71,11 +73,14 @@ inspect, eval on a built-in text and generate on it.`,
 				return err
 			}
 			ctx := c.Int("ctx")
+			ids := tok.Encode(demoText, true)
+			if ctx < 2 || ctx > len(ids) {
+				return usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", len(ids), ctx)
+			}
 			runner, err := eval.NewRunner(m, kernels.Gonum{}, max(ctx, 64))
 			if err != nil {
 				return err
 			}
-			ids := tok.Encode(demoText, true)
 			res, err := eval.Perplexity(c.Context, runner, ids, eval.PerplexityOptions{Ctx: ctx})
 			if err != nil {
 				return err

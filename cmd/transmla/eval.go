@@ -63,6 +63,9 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 				return err
 			}
 			ids := tok.Encode(text, true)
+			if err := checkContext(m.Config, c.Int("ctx"), len(ids)); err != nil {
+				return err
+			}
 			be := kernels.Gonum{}
 			runner, err := eval.NewRunner(m, be, c.Int("ctx"))
 			if err != nil {

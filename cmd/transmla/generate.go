@@ -42,6 +42,14 @@ then decodes greedily until --max-tokens or an EOS token.`,
 				}
 				prompt = []int{m.Config.BOSTokenID}
 			}
+			// The cache is sized up front, so the length is bounded first.
+			limit := m.Config.MaxPositionEmbeddings
+			if limit <= 0 {
+				limit = 1 << 20
+			}
+			if n := c.Int("max-tokens"); n > limit-len(prompt) {
+				return usagef("--max-tokens %d with a %d-token prompt exceeds the model's %d positions", n, len(prompt), limit)
+			}
 			runner, err := eval.NewRunner(m, kernels.Gonum{}, len(prompt)+c.Int("max-tokens"))
 			if err != nil {
 				return err

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -118,8 +120,8 @@ func inspect(dir string) (inspectReport, error) {
 		rep.Tensors++
 		dtypes[info.DType.String()] += n
 	}
-	for dt, n := range dtypes {
-		if rep.DType == "" || n > dtypes[rep.DType] {
+	for _, dt := range slices.Sorted(maps.Keys(dtypes)) {
+		if n := dtypes[dt]; rep.DType == "" || n > dtypes[rep.DType] {
 			rep.DType = dt
 		}
 	}

@@ -47,6 +47,18 @@ func loadModel(ctx context.Context, dir string, stderr io.Writer) (*model.Model,
 	return m, tok, err
 }
 
+// checkContext rejects a window longer than the model's trained context
+// or than the data, before anything is sized by it.
+func checkContext(cfg model.Config, ctx, tokens int) error {
+	if cfg.MaxPositionEmbeddings > 0 && ctx > cfg.MaxPositionEmbeddings {
+		return usagef("--ctx %d exceeds the model's max_position_embeddings %d", ctx, cfg.MaxPositionEmbeddings)
+	}
+	if tokens < ctx {
+		return fmt.Errorf("the data has %d tokens, fewer than one window of --ctx %d", tokens, ctx)
+	}
+	return nil
+}
+
 // readData reads the --data file.
 func readData(c *cli.Context) (string, error) {
 	text, err := os.ReadFile(c.String("data"))

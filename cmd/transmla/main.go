@@ -1,5 +1,6 @@
-// Command transmla converts Grouped-Query-Attention checkpoints to
-// Multi-head Latent Attention and measures them before and after.
+// Command transmla loads Grouped-Query-Attention checkpoints and measures
+// them (perplexity, throughput, KV-cache size), the first steps of
+// retrofitting Multi-head Latent Attention into them.
 package main
 
 import (
@@ -23,7 +24,7 @@ const (
 	exitInterrupted = 130
 )
 
-// version is the tool version written into reports and metadata.
+// version is what --version prints.
 const version = "0.1.0"
 
 // usageError marks errors in how the command was called.
@@ -38,6 +39,9 @@ func usagef(format string, args ...any) error {
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// After the first signal, restore the default handling so that a second
+	// Ctrl-C kills the process even while a long step winds down.
+	context.AfterFunc(ctx, stop)
 	app := newApp(os.Stdout, os.Stderr)
 	err := app.RunContext(ctx, flagsFirst(app, os.Args))
 	stop()
@@ -78,9 +82,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			}
 			return nil
 		},
-		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
-			return usageError{err}
-		},
+		OnUsageError:   onUsageError,
 		ExitErrHandler: func(*cli.Context, error) {}, // main decides the exit code
 		Commands: []*cli.Command{
 			demoCommand(),
@@ -95,8 +97,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 
 // withUsageErrors makes a command's flag errors exit with exitUsage.
 func withUsageErrors(cmd *cli.Command) *cli.Command {
-	cmd.OnUsageError = func(c *cli.Context, err error, isSubcommand bool) error {
-		return usageError{err}
-	}
+	cmd.OnUsageError = onUsageError
 	return cmd
 }
+
+func onUsageError(_ *cli.Context, err error, _ bool) error { return usageError{err} }

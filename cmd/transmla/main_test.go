@@ -126,6 +126,11 @@ func TestErrorsAndExitCodes(t *testing.T) {
 		{"missing data", []string{"eval", dir, "--data", filepath.Join(dir, "absent.txt")}, exitError, "read --data"},
 		{"unsupported architecture", []string{"inspect", badArch}, exitError, `unsupported architecture "GPT2LMHeadModel" (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)`},
 		{"synth refuses to overwrite", []string{"synth", "-o", dir}, exitUsage, "exists; use --force"},
+		{"ctx beyond the trained context", []string{"eval", dir, "--data", filepath.Join(dir, "config.json"), "--ctx", "4096"}, exitUsage, "exceeds the model's max_position_embeddings 2048"},
+		{"data shorter than a window", []string{"eval", dir, "--data", filepath.Join(dir, "config.json"), "--ctx", "2000"}, exitError, "fewer than one window of --ctx 2000"},
+		{"max-tokens beyond the context", []string{"generate", dir, "--prompt", "hi", "--max-tokens", "9223372036854775807"}, exitUsage, "exceeds the model's 2048 positions"},
+		{"demo ctx out of range", []string{"demo", "--ctx", "1"}, exitUsage, "--ctx must be in [2,"},
+		{"demo keeps an existing dir", []string{"demo", "--dir", dir}, exitUsage, "exists; use --force"},
 		{"bad threads", []string{"--threads", "0", "inspect", dir}, exitUsage, "--threads must be positive"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

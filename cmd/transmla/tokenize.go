@@ -41,6 +41,9 @@ e.g. for scripts/torch_eval.py.`,
 			}
 			start := time.Now()
 			ids := tok.Encode(text, true)
+			if ids == nil {
+				ids = []int{} // an empty file is an empty array, not null
+			}
 			secs := time.Since(start).Seconds()
 			if out := c.String("ids-out"); out != "" {
 				data, err := json.Marshal(ids)
