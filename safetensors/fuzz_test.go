@@ -126,7 +126,7 @@ func FuzzIndex(f *testing.F) {
 			}
 		}
 
-		c, err := openIndexData(index, data)
+		c, err := opener{mmap: true}.openIndexData(index, data)
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) || !strings.Contains(err.Error(), dir) {
 				t.Fatalf("error %q: not ErrMalformed naming a file", err)

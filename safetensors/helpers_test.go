@@ -2,9 +2,11 @@ package safetensors
 
 import (
 	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -29,6 +31,26 @@ func writeTestFile(t testing.TB, dir, name string, b []byte) string {
 	return p
 }
 
+// checkMalformed fails t unless Open failed with an ErrMalformed error
+// that mentions every string in wants. It returns the message.
+func checkMalformed(t *testing.T, c *Checkpoint, err error, wants ...string) string {
+	t.Helper()
+	if err == nil {
+		c.Close()
+		t.Fatal("Open succeeded")
+	}
+	if !errors.Is(err, ErrMalformed) {
+		t.Errorf("error %q does not match ErrMalformed", err)
+	}
+	msg := err.Error()
+	for _, w := range wants {
+		if !strings.Contains(msg, w) {
+			t.Errorf("error %q does not mention %q", msg, w)
+		}
+	}
+	return msg
+}
+
 // dirEntries lists the names in dir, sorted.
 func dirEntries(t testing.TB, dir string) []string {
 	t.Helper()
@@ -46,16 +68,14 @@ func dirEntries(t testing.TB, dir string) []string {
 
 // bothPaths runs f once with memory mapping and once with the ReadAt path
 // used on platforms without mmap.
-func bothPaths(t *testing.T, f func(t *testing.T)) {
+func bothPaths(t *testing.T, f func(t *testing.T, open func(path string) (*Checkpoint, error))) {
 	for _, mmap := range []bool{true, false} {
 		name := "readat"
 		if mmap {
 			name = "mmap"
 		}
 		t.Run(name, func(t *testing.T) {
-			defer func(old bool) { tryMmap = old }(tryMmap)
-			tryMmap = mmap
-			f(t)
+			f(t, opener{mmap: mmap}.open)
 		})
 	}
 }

@@ -63,17 +63,17 @@ func parseIndex(file string, data []byte) (*shardIndex, error) {
 }
 
 // openIndex opens the sharded checkpoint described by the index at path.
-func openIndex(path string) (*Checkpoint, error) {
+func (o opener) openIndex(path string) (*Checkpoint, error) {
 	data, err := readIndex(path)
 	if err != nil {
 		return nil, err
 	}
-	return openIndexData(path, data)
+	return o.openIndexData(path, data)
 }
 
 // openIndexData opens the sharded checkpoint described by data, the content
 // of the index file at path.
-func openIndexData(path string, data []byte) (*Checkpoint, error) {
+func (o opener) openIndexData(path string, data []byte) (*Checkpoint, error) {
 	idx, err := parseIndex(path, data)
 	if err != nil {
 		return nil, err
@@ -86,7 +86,7 @@ func openIndexData(path string, data []byte) (*Checkpoint, error) {
 		}
 	}
 	for _, name := range idx.shards {
-		s, err := openShard(filepath.Join(dir, name))
+		s, err := o.openShard(filepath.Join(dir, name))
 		if err != nil {
 			closeAll()
 			if errors.Is(err, ErrMalformed) {

@@ -77,22 +77,13 @@ func TestIndex(t *testing.T) {
 				}
 				return
 			}
-			if err == nil {
-				c.Close()
-				t.Fatal("Open succeeded")
+			wants := make([]string, len(tc.want))
+			for i, w := range tc.want {
+				wants[i] = strings.ReplaceAll(w, "DIR", dir)
 			}
-			if !errors.Is(err, ErrMalformed) {
-				t.Errorf("error %q does not match ErrMalformed", err)
-			}
-			msg := err.Error()
+			msg := checkMalformed(t, c, err, wants...)
 			if !strings.Contains(msg, path) && !strings.Contains(msg, dir) {
 				t.Errorf("error %q names neither the index nor a shard", msg)
-			}
-			for _, w := range tc.want {
-				w = strings.ReplaceAll(w, "DIR", dir)
-				if !strings.Contains(msg, w) {
-					t.Errorf("error %q does not mention %q", msg, w)
-				}
 			}
 		})
 	}

@@ -27,9 +27,10 @@ const (
 	indexSuffix   = ".safetensors.index.json"
 )
 
-// tryMmap selects memory mapping where the platform supports it. Tests
-// clear it to exercise the ReadAt path that other platforms use.
-var tryMmap = true
+// opener opens checkpoints. Open memory-maps where the platform supports
+// it; tests also use an opener without mapping to exercise the ReadAt path
+// that other platforms take.
+type opener struct{ mmap bool }
 
 // TensorInfo describes one stored tensor.
 type TensorInfo struct {
@@ -75,7 +76,9 @@ type tensor struct {
 // preferred when both exist). Only the headers are read and validated;
 // errors wrap ErrMalformed and name the file and, where one is at fault,
 // the tensor.
-func Open(path string) (*Checkpoint, error) {
+func Open(path string) (*Checkpoint, error) { return opener{mmap: true}.open(path) }
+
+func (o opener) open(path string) (*Checkpoint, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("open checkpoint: %w", err)
@@ -85,7 +88,7 @@ func Open(path string) (*Checkpoint, error) {
 			p := filepath.Join(path, name)
 			_, err := os.Stat(p)
 			if err == nil {
-				return Open(p)
+				return o.open(p)
 			}
 			if !errors.Is(err, fs.ErrNotExist) {
 				return nil, fmt.Errorf("open checkpoint: %w", err)
@@ -98,9 +101,9 @@ func Open(path string) (*Checkpoint, error) {
 		return nil, malformed(path, nil, "not a regular file")
 	}
 	if strings.HasSuffix(path, ".json") {
-		return openIndex(path)
+		return o.openIndex(path)
 	}
-	s, err := openShard(path)
+	s, err := o.openShard(path)
 	if err != nil {
 		if errors.Is(err, ErrMalformed) {
 			return nil, err
@@ -125,7 +128,7 @@ func newCheckpoint(path string, shards []*shard) *Checkpoint {
 
 // openShard opens and validates one .safetensors file. Format errors wrap
 // ErrMalformed; others are the file system's, which name the path.
-func openShard(path string) (*shard, error) {
+func (o opener) openShard(path string) (*shard, error) {
 	// Check the type before opening: opening a FIFO would block.
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -145,7 +148,7 @@ func openShard(path string) (*shard, error) {
 		return nil, err
 	}
 	s := &shard{path: path, size: fi.Size()}
-	if tryMmap {
+	if o.mmap {
 		// A failed mapping is not an error: ReadAt works on any file.
 		if mem, err := mapFile(f, s.size); err == nil {
 			s.mem, s.mapped = mem, true

@@ -72,8 +72,8 @@ func checkShared(t *testing.T, c *Checkpoint, f sharedFact) {
 
 func TestSharedLlamaGQA25M(t *testing.T) {
 	path := sharedModel(t, "llama-gqa-25m")
-	bothPaths(t, func(t *testing.T) {
-		c, err := Open(path)
+	bothPaths(t, func(t *testing.T, open func(string) (*Checkpoint, error)) {
+		c, err := open(path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -133,8 +133,8 @@ func TestSharedLlamaGQA25M(t *testing.T) {
 
 func TestSharedStories260K(t *testing.T) {
 	path := sharedModel(t, "stories260K")
-	bothPaths(t, func(t *testing.T) {
-		c, err := Open(filepath.Dir(path)) // the directory form
+	bothPaths(t, func(t *testing.T, open func(string) (*Checkpoint, error)) {
+		c, err := open(filepath.Dir(path)) // the directory form
 		if err != nil {
 			t.Fatal(err)
 		}
