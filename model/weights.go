@@ -41,7 +41,20 @@ type Model struct {
 // KVCacheBytesPerToken is the cache of standard GQA attention in the
 // checkpoint's dtype.
 func (m *Model) KVCacheBytesPerToken() int64 {
-	return int64(m.Config.KVCacheValuesPerToken()) * int64(m.StorageDType.Size())
+	return m.Config.KVCacheBytesPerToken(m.StorageDType)
+}
+
+// KVCacheBytesPerToken is the GQA cache per token over all layers when
+// keys and values are stored as dt.
+func (c Config) KVCacheBytesPerToken(dt safetensors.DType) int64 {
+	return int64(c.KVCacheValuesPerToken()) * int64(dt.Size())
+}
+
+// AttentionDType is the stored dtype of the attention weights (layer 0's
+// q_proj), the dtype in which the KV cache is reported.
+func AttentionDType(ckpt *safetensors.Checkpoint) (safetensors.DType, bool) {
+	info, ok := ckpt.Info("model.layers.0.self_attn.q_proj.weight")
+	return info.DType, ok
 }
 
 // Load reads config.json and the safetensors weights of the checkpoint
@@ -119,9 +132,7 @@ func fromCheckpoint(ctx context.Context, cfg Config, ckpt *safetensors.Checkpoin
 	if cfg.TieWordEmbeddings {
 		m.LMHead.W = m.Embed
 	}
-	if info, ok := ckpt.Info("model.layers.0.self_attn.q_proj.weight"); ok {
-		m.StorageDType = info.DType
-	}
+	m.StorageDType, _ = AttentionDType(ckpt) // present: checked above
 	return m, nil
 }
 

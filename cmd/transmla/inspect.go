@@ -125,16 +125,12 @@ func inspect(dir string) (inspectReport, error) {
 			rep.DType = dt
 		}
 	}
-	var dtypeSize int64
 	for i := range cfg.NumLayers {
 		p := fmt.Sprintf("model.layers.%d.self_attn.", i)
 		get := func(name string) []int {
 			info, ok := ckpt.Info(p + name)
 			if !ok {
 				return nil
-			}
-			if dtypeSize == 0 {
-				dtypeSize = int64(info.DType.Size())
 			}
 			return info.Shape
 		}
@@ -152,6 +148,7 @@ func inspect(dir string) (inspectReport, error) {
 		}
 		rep.Attention = append(rep.Attention, ls)
 	}
-	rep.KVCacheBytesPerToken = int64(rep.KVCacheValuesPerToken) * dtypeSize
+	dt, _ := model.AttentionDType(ckpt) // present: layer 0 was checked above
+	rep.KVCacheBytesPerToken = cfg.KVCacheBytesPerToken(dt)
 	return rep, nil
 }
