@@ -120,6 +120,9 @@ func SoftmaxInPlace(x []float32) {
 // past..past+nq-1 attend to the cached keys/values of positions 0..past+nq-1.
 type Attention struct {
 	Heads, KVHeads, HeadDim int
+	// ValueDim is the width of one value head; 0 means HeadDim. MLA's
+	// decompressed heads have keys of d_nope+d_r but values of d_v.
+	ValueDim int
 	// Window limits each query to the last Window positions (0 = unlimited).
 	Window int
 	// Scale multiplies the scores, usually 1/sqrt(HeadDim).
@@ -130,11 +133,17 @@ type Attention struct {
 const queryBlock = 128
 
 // Causal computes grouped-query causal attention. q is nq×(Heads·HeadDim),
-// k and v are (past+nq)×(KVHeads·HeadDim); out is nq×(Heads·HeadDim).
+// k is (past+nq)×(KVHeads·HeadDim), v is (past+nq)×(KVHeads·ValueDim) and
+// out is nq×(Heads·ValueDim).
 // Query head h reads KV head h/(Heads/KVHeads). Heads run in parallel.
 func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 	total := past + nq
-	qStride, kvStride := a.Heads*a.HeadDim, a.KVHeads*a.HeadDim
+	dv := a.ValueDim
+	if dv == 0 {
+		dv = a.HeadDim
+	}
+	qStride, kStride := a.Heads*a.HeadDim, a.KVHeads*a.HeadDim
+	vStride, outStride := a.KVHeads*dv, a.Heads*dv
 	group := a.Heads / a.KVHeads
 	d := a.HeadDim
 	workers := min(runtime.GOMAXPROCS(0), a.Heads)
@@ -158,7 +167,7 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 					seen := past + i0 + rows
 					// s[rows×seen] = scale · Q_h · K_gᵀ
 					s := scores[:rows*seen]
-					be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kvStride, 0, s, seen)
+					be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kStride, 0, s, seen)
 					for i := range rows {
 						row := s[i*seen : (i+1)*seen]
 						last := past + i0 + i // last visible position
@@ -170,8 +179,8 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 						clear(row[:first])
 						clear(row[last+1:])
 					}
-					// out_h[rows×d] = P · V_g
-					be.Gemm(false, false, rows, d, seen, 1, s, seen, v[g*d:], kvStride, 0, out[i0*qStride+h*d:], qStride)
+					// out_h[rows×dv] = P · V_g
+					be.Gemm(false, false, rows, dv, seen, 1, s, seen, v[g*dv:], vStride, 0, out[i0*outStride+h*dv:], outStride)
 				}
 			}
 		}()

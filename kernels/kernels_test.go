@@ -107,8 +107,13 @@ func TestRMSNormAndSwiGLU(t *testing.T) {
 // referenceAttention is the textbook definition in float64, one query at a time.
 func referenceAttention(a Attention, q, k, v []float32, nq, past int) []float64 {
 	d, group := a.HeadDim, a.Heads/a.KVHeads
+	dv := a.ValueDim
+	if dv == 0 {
+		dv = d
+	}
 	qs, kvs := a.Heads*d, a.KVHeads*d
-	out := make([]float64, nq*qs)
+	vs, os := a.KVHeads*dv, a.Heads*dv
+	out := make([]float64, nq*os)
 	for i := range nq {
 		pos := past + i
 		for h := range a.Heads {
@@ -133,8 +138,8 @@ func referenceAttention(a Attention, q, k, v []float32, nq, past int) []float64 
 				z += scores[j]
 			}
 			for j := lo; j <= pos; j++ {
-				for c := range d {
-					out[i*qs+h*d+c] += scores[j] / z * float64(v[j*kvs+g*d+c])
+				for c := range dv {
+					out[i*os+h*dv+c] += scores[j] / z * float64(v[j*vs+g*dv+c])
 				}
 			}
 		}
@@ -145,25 +150,30 @@ func referenceAttention(a Attention, q, k, v []float32, nq, past int) []float64 
 func TestCausalAttention(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	for _, tc := range []struct {
-		name              string
-		heads, kvHeads, d int
-		nq, past, window  int
+		name                  string
+		heads, kvHeads, d, dv int
+		nq, past, window      int
 	}{
-		{"prefill-mha", 4, 4, 8, 17, 0, 0},
-		{"prefill-gqa", 6, 2, 16, 33, 0, 0},
-		{"decode-gqa", 8, 2, 8, 1, 40, 0},
-		{"chunk-after-past", 4, 1, 8, 5, 12, 0},
-		{"sliding-window", 4, 2, 8, 20, 3, 7},
-		{"several-query-blocks", 4, 2, 8, 300, 0, 0},
-		{"blocks-after-past-windowed", 4, 2, 8, 150, 20, 9},
+		{"prefill-mha", 4, 4, 8, 0, 17, 0, 0},
+		{"prefill-gqa", 6, 2, 16, 0, 33, 0, 0},
+		{"decode-gqa", 8, 2, 8, 0, 1, 40, 0},
+		{"chunk-after-past", 4, 1, 8, 0, 5, 12, 0},
+		{"sliding-window", 4, 2, 8, 0, 20, 3, 7},
+		{"several-query-blocks", 4, 2, 8, 0, 300, 0, 0},
+		{"blocks-after-past-windowed", 4, 2, 8, 0, 150, 20, 9},
+		{"mla-value-narrower", 4, 4, 12, 8, 30, 5, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a := Attention{Heads: tc.heads, KVHeads: tc.kvHeads, HeadDim: tc.d, Window: tc.window, Scale: float32(1 / math.Sqrt(float64(tc.d)))}
+			a := Attention{Heads: tc.heads, KVHeads: tc.kvHeads, HeadDim: tc.d, ValueDim: tc.dv, Window: tc.window, Scale: float32(1 / math.Sqrt(float64(tc.d)))}
+			dv := tc.dv
+			if dv == 0 {
+				dv = tc.d
+			}
 			total := tc.past + tc.nq
 			q := randSlice(rng, tc.nq*tc.heads*tc.d)
 			k := randSlice(rng, total*tc.kvHeads*tc.d)
-			v := randSlice(rng, total*tc.kvHeads*tc.d)
-			out := make([]float32, len(q))
+			v := randSlice(rng, total*tc.kvHeads*dv)
+			out := make([]float32, tc.nq*tc.heads*dv)
 			for i := range out {
 				out[i] = float32(math.NaN())
 			}
