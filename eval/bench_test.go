@@ -13,7 +13,11 @@ func BenchmarkForwardWindow(b *testing.B) {
 	for _, name := range []string{"llama-gqa-25m", "qwen2-gqa-16m"} {
 		b.Run(name, func(b *testing.B) {
 			m, _ := loadShared(b, name)
-			r, err := NewRunner(m, kernels.Gonum{}, 1024)
+			be, err := kernels.Select("auto")
+			if err != nil {
+				b.Fatal(err)
+			}
+			r, err := NewRunner(m, be, 1024)
 			if err != nil {
 				b.Fatal(err)
 			}

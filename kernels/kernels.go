@@ -1,7 +1,14 @@
 // Package kernels holds the float32 compute primitives of the forward pass:
-// matrix products behind a small Backend interface that faster
-// implementations can fill, and the portable element-wise kernels
-// (RMSNorm, SwiGLU, softmax) and causal attention built on them.
+// matrix products behind a small Backend interface, the element-wise
+// kernels (RMSNorm, SwiGLU, softmax) and causal attention built on them.
+//
+// Select picks a Backend by name. "go" (Native) is this package's own
+// cache-blocked GEMM on assembly micro-kernels, AVX-512 or AVX2/FMA as the
+// CPU offers (chosen once at start-up), with a portable Go kernel on other
+// CPUs and architectures; it needs no cgo, so binaries stay static.
+// "openblas" loads the system's OpenBLAS at run time (build tag openblas).
+// "auto" is the fastest of those present. Gonum is the reference backend
+// on gonum's pure-Go BLAS.
 //
 // Layouts are row-major. Weights follow nn.Linear: W is out×in, so a
 // projection of m rows is dst[m×out] = x[m×in]·Wᵀ.
@@ -26,7 +33,8 @@ type Backend interface {
 	Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int)
 }
 
-// Gonum is the portable Backend on gonum's pure-Go BLAS.
+// Gonum is the portable Backend on gonum's pure-Go BLAS: slower than
+// Native, kept as an independent reference.
 type Gonum struct{}
 
 // Name implements Backend.
@@ -82,8 +90,15 @@ func RMSNorm(dst, x, weight []float32, eps float32) {
 
 // SwiGLU writes gate[i] = silu(gate[i])·up[i].
 func SwiGLU(gate, up []float32) {
+	if len(gate) == 0 {
+		return
+	}
+	up = up[:len(gate)]
+	if swigluSIMD(gate, up) {
+		return
+	}
 	for i, g := range gate {
-		gate[i] = g / (1 + float32(math.Exp(float64(-g)))) * up[i]
+		gate[i] = g / (1 + expf(-g)) * up[i]
 	}
 }
 
@@ -97,7 +112,7 @@ func Add(dst, x []float32) {
 // SoftmaxInPlace normalizes x to a probability vector, in float32 with the
 // maximum subtracted first.
 func SoftmaxInPlace(x []float32) {
-	if len(x) == 0 {
+	if len(x) == 0 || softmaxSIMD(x) {
 		return
 	}
 	m := x[0]
@@ -106,7 +121,7 @@ func SoftmaxInPlace(x []float32) {
 	}
 	var sum float32
 	for i, v := range x {
-		e := float32(math.Exp(float64(v - m)))
+		e := expf(v - m)
 		x[i] = e
 		sum += e
 	}
@@ -147,6 +162,10 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 	group := a.Heads / a.KVHeads
 	d := a.HeadDim
 	workers := min(runtime.GOMAXPROCS(0), a.Heads)
+	if workers > 1 && a.Heads >= runtime.GOMAXPROCS(0) {
+		// Every core already runs a head: products inside stay on one.
+		be = serialBackend(be)
+	}
 	var wg sync.WaitGroup
 	next := make(chan int, a.Heads)
 	for h := range a.Heads {

@@ -1,6 +1,7 @@
 // Package model reads Hugging Face causal-LM checkpoints of the GQA families
-// this project converts (Llama, Mistral, Qwen2): config.json into one
-// canonical Config, and the safetensors weights into float32 layers.
+// this project converts (Llama, Mistral, Qwen2) and of the DeepSeek-V3 MLA
+// layout it converts them to: config.json into one canonical Config, and
+// the safetensors weights into float32 layers.
 package model
 
 import (
@@ -33,9 +34,11 @@ type Config struct {
 	NumLayers int
 	// NumHeads is the number of query heads H (num_attention_heads).
 	NumHeads int
-	// NumKVHeads is the number of key/value heads G (num_key_value_heads, default H).
+	// NumKVHeads is the number of key/value heads G (num_key_value_heads,
+	// default H); MLA requires G = H.
 	NumKVHeads int
-	// HeadDim is explicit in config.json or hidden_size / num_attention_heads.
+	// HeadDim is explicit in config.json or hidden_size / num_attention_heads;
+	// for MLA it is a query/key head's width, qk_nope + qk_rope_head_dim.
 	HeadDim int
 	// VocabSize is the number of embedding rows (vocab_size).
 	VocabSize int
@@ -43,11 +46,14 @@ type Config struct {
 	MaxPositionEmbeddings int
 	// RMSNormEps is the RMSNorm epsilon (rms_norm_eps, default 1e-6).
 	RMSNormEps float64
-	// Rope describes the rotary embedding (Dim is the rotated part of a head).
+	// Rope describes the rotary embedding (Dim is the rotated part of a head:
+	// qk_rope_head_dim for MLA).
 	Rope rope.Params
 	// TieWordEmbeddings makes the LM head reuse the token embedding.
 	TieWordEmbeddings bool
-	// QKVBias and OBias say which attention projections carry a bias.
+	// QKVBias and OBias say which attention projections carry a bias (for
+	// MLA, QKVBias is false and MLAConfig says which of q_proj and
+	// kv_a_proj_with_mqa do).
 	QKVBias, OBias bool
 	// MLPBias says whether gate/up/down projections carry a bias.
 	MLPBias bool
@@ -58,11 +64,19 @@ type Config struct {
 	// BOSTokenID and EOSTokenIDs are the special ids, -1 / empty when absent.
 	BOSTokenID  int
 	EOSTokenIDs []int
+	// MLA is set for Multi-head Latent Attention checkpoints (DeepSeek-V3
+	// layout) and nil for GQA ones.
+	MLA *MLAConfig
 }
 
 // KVCacheValuesPerToken is the number of cached values per token over all
-// layers for standard GQA attention: 2·n_kv·d_h·layers.
-func (c Config) KVCacheValuesPerToken() int { return 2 * c.NumKVHeads * c.HeadDim * c.NumLayers }
+// layers: 2·n_kv·d_h·layers for GQA, (d_c + d_r)·layers for MLA.
+func (c Config) KVCacheValuesPerToken() int {
+	if c.MLA != nil {
+		return (c.MLA.KVLoraRank + c.MLA.QKRopeHeadDim) * c.NumLayers
+	}
+	return 2 * c.NumKVHeads * c.HeadDim * c.NumLayers
+}
 
 // rawConfig mirrors the config.json keys we read, across transformers versions.
 type rawConfig struct {
@@ -88,6 +102,16 @@ type rawConfig struct {
 	HiddenAct             string          `json:"hidden_act"`
 	BOSTokenID            *int            `json:"bos_token_id"`
 	EOSTokenID            json.RawMessage `json:"eos_token_id"`
+	// DeepSeek-V3 (MLA) keys; see deepseekV3.Normalize.
+	KVLoraRank         *int            `json:"kv_lora_rank"`
+	QLoraRank          json.RawMessage `json:"q_lora_rank"`
+	QKRopeHeadDim      *int            `json:"qk_rope_head_dim"`
+	QKNopeHeadDim      *int            `json:"qk_nope_head_dim"`
+	VHeadDim           *int            `json:"v_head_dim"`
+	RopeInterleave     *bool           `json:"rope_interleave"`
+	NRoutedExperts     json.RawMessage `json:"n_routed_experts"`
+	FirstKDenseReplace *int            `json:"first_k_dense_replace"`
+	TransMLA           *transMLAMeta   `json:"transmla"`
 }
 
 // LoadConfig reads dir/config.json (or a config.json path).
@@ -155,7 +179,8 @@ func (r *rawConfig) canonical(arch string) (Config, error) {
 	}
 	if r.HeadDim != nil && *r.HeadDim > 0 {
 		c.HeadDim = *r.HeadDim
-	} else if c.NumHeads > 0 {
+	} else if c.NumHeads > 0 && r.QKNopeHeadDim == nil && r.QKRopeHeadDim == nil {
+		// MLA families size their heads from qk_nope/qk_rope_head_dim instead.
 		if c.HiddenSize%c.NumHeads != 0 {
 			return c, fmt.Errorf("hidden_size %d is not divisible by num_attention_heads %d and no head_dim is given", c.HiddenSize, c.NumHeads)
 		}
@@ -316,6 +341,10 @@ func parseScaling(m map[string]any) (rope.Scaling, error) {
 	return s, nil
 }
 
+// maxHeadDim bounds head_dim (and so the rotary dimension); real models
+// use at most a few hundred.
+const maxHeadDim = 1 << 16
+
 func (c Config) validate() error {
 	positive := []struct {
 		key string
@@ -334,6 +363,11 @@ func (c Config) validate() error {
 			return fmt.Errorf("%s must be positive, got %d", p.key, p.v)
 		}
 	}
+	// The RoPE frequencies are allocated per rotated pair: bound the head
+	// before a corrupt config sizes an allocation.
+	if c.HeadDim > maxHeadDim {
+		return fmt.Errorf("head_dim %d exceeds %d", c.HeadDim, maxHeadDim)
+	}
 	if c.NumHeads%c.NumKVHeads != 0 {
 		return fmt.Errorf("num_attention_heads %d is not a multiple of num_key_value_heads %d", c.NumHeads, c.NumKVHeads)
 	}
@@ -351,6 +385,9 @@ func (c Config) validate() error {
 	}
 	if c.SlidingWindow < 0 {
 		return fmt.Errorf("sliding_window must not be negative, got %d", c.SlidingWindow)
+	}
+	if c.MLA != nil {
+		return c.validateMLA()
 	}
 	return nil
 }

@@ -85,7 +85,7 @@ func TestParseConfigErrors(t *testing.T) {
 		name, json, want string
 	}{
 		{"not json", `{`, "config.json: invalid JSON"},
-		{"unsupported architecture", `{"architectures": ["GPT2LMHeadModel"]}`, `unsupported architecture "GPT2LMHeadModel" (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)`},
+		{"unsupported architecture", `{"architectures": ["GPT2LMHeadModel"]}`, `unsupported architecture "GPT2LMHeadModel" (supported: DeepseekV3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)`},
 		{"no architectures", `{"hidden_size": 8}`, `no "architectures"`},
 		{"heads not a multiple", `{` + strings.Replace(llamaBase, `"num_key_value_heads": 2`, `"num_key_value_heads": 3`, 1) + `}`, "not a multiple of num_key_value_heads 3"},
 		{"missing hidden size", `{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 8}`, "hidden_size must be positive"},
@@ -96,6 +96,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"wrong JSON type", `{` + llamaBase + `, "rope_scaling": "linear"}`, `config.json: key "rope_scaling": want an object, got a JSON string`},
 		{"number as string", `{` + llamaBase + `, "head_dim": "128"}`, `config.json: key "head_dim": want a number, got a JSON string`},
 		{"bad eos", `{` + llamaBase + `, "eos_token_id": "x"}`, "eos_token_id"},
+		{"huge head_dim", `{` + llamaBase + `, "head_dim": 100000000000}`, "head_dim 100000000000 exceeds 65536"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("config.json", []byte(tc.json))

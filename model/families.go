@@ -2,12 +2,14 @@ package model
 
 import "fmt"
 
-// The three supported families share Llama's tensor layout and differ in
-// which biases they carry and how they use a sliding window.
+// The three GQA families share Llama's tensor layout and differ in which
+// biases they carry and how they use a sliding window; DeepSeek-V3 (dense
+// layers only) is the MLA layout conversions produce.
 func init() {
 	register(llama{})
 	register(mistral{})
 	register(qwen2{})
+	register(deepseekV3{})
 }
 
 type llama struct{}

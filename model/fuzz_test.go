@@ -13,6 +13,8 @@ func FuzzParseConfig(f *testing.F) {
 		`{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 0}`,
 		`{"architectures": ["MistralForCausalLM"], "head_dim": -4, "eos_token_id": [1, "x"]}`,
 		`[]`, `null`, `{"architectures": [7]}`,
+		`{` + dsBase + `, "attention_bias": true, "transmla": {"format": "exact", "kv_a_layernorm": false, "q_bias": true}}`,
+		`{` + dsBase + `, "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1, "mscale_all_dim": 1, "original_max_position_embeddings": 64}}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -23,6 +25,9 @@ func FuzzParseConfig(f *testing.F) {
 		}
 		if c.NumKVHeads <= 0 || c.NumHeads%c.NumKVHeads != 0 || c.HeadDim <= 0 || c.Rope.Dim <= 0 || c.Rope.Dim > c.HeadDim || c.Rope.Dim%2 != 0 {
 			t.Fatalf("accepted an inconsistent config: %+v", c)
+		}
+		if m := c.MLA; m != nil && (c.NumKVHeads != c.NumHeads || c.HeadDim != m.QKNopeHeadDim+m.QKRopeHeadDim || c.Rope.Dim != m.QKRopeHeadDim || m.KVLoraRank <= 0 || m.VHeadDim <= 0) {
+			t.Fatalf("accepted an inconsistent MLA config: %+v %+v", c, *m)
 		}
 	})
 }

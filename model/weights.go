@@ -17,10 +17,12 @@ type Linear struct {
 	B []float32
 }
 
-// Layer holds one decoder block's weights.
+// Layer holds one decoder block's weights. GQA layers use Q, K, V and O;
+// MLA layers use MLA and O.
 type Layer struct {
 	AttnNorm       []float32
 	Q, K, V, O     Linear
+	MLA            *MLALayer
 	MLPNorm        []float32
 	Gate, Up, Down Linear
 }
@@ -38,14 +40,14 @@ type Model struct {
 	StorageDType safetensors.DType
 }
 
-// KVCacheBytesPerToken is the cache of standard GQA attention in the
-// checkpoint's dtype.
+// KVCacheBytesPerToken is the KV cache per token (GQA keys and values, or
+// MLA latent and RoPE key) in the checkpoint's dtype.
 func (m *Model) KVCacheBytesPerToken() int64 {
 	return m.Config.KVCacheBytesPerToken(m.StorageDType)
 }
 
-// KVCacheBytesPerToken is the GQA cache per token over all layers when
-// keys and values are stored as dt.
+// KVCacheBytesPerToken is the KV cache per token over all layers
+// (KVCacheValuesPerToken) when its values are stored as dt.
 func (c Config) KVCacheBytesPerToken(dt safetensors.DType) int64 {
 	return int64(c.KVCacheValuesPerToken()) * int64(dt.Size())
 }
@@ -61,6 +63,27 @@ func AttentionDType(ckpt *safetensors.Checkpoint) (safetensors.DType, bool) {
 // directory dir. progress, when not nil, is called after each tensor with
 // the number done and the total.
 func Load(ctx context.Context, dir string, progress func(done, total int)) (*Model, error) {
+	r, err := OpenReader(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	return r.load(ctx, progress)
+}
+
+// Reader gives access to a checkpoint one part at a time, so that a
+// converter can stream layers without holding the whole model: open it,
+// read the layers in turn, and Close it.
+type Reader struct {
+	cfg   Config
+	ckpt  *safetensors.Checkpoint
+	dtype safetensors.DType
+}
+
+// OpenReader reads dir's config.json and opens its safetensors files,
+// checking only what needs no tensor data: that the layer count is
+// plausible and that layer 0's q_proj (which gives the storage dtype) exists.
+func OpenReader(dir string) (*Reader, error) {
 	cfg, err := LoadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -69,8 +92,86 @@ func Load(ctx context.Context, dir string, progress func(done, total int)) (*Mod
 	if err != nil {
 		return nil, err
 	}
-	defer ckpt.Close()
-	return fromCheckpoint(ctx, cfg, ckpt, progress)
+	// Each layer has several tensors: a layer count beyond the tensor count
+	// is a config error, found before anything is sized by it.
+	if cfg.NumLayers > len(ckpt.Names()) {
+		ckpt.Close()
+		return nil, fmt.Errorf("config.json: num_hidden_layers %d exceeds the %d tensors of checkpoint %s", cfg.NumLayers, len(ckpt.Names()), strings.Join(ckpt.Files(), ", "))
+	}
+	dt, ok := AttentionDType(ckpt)
+	if !ok {
+		ckpt.Close()
+		return nil, fmt.Errorf("checkpoint %s: tensor %q is missing (config.json implies it exists)", strings.Join(ckpt.Files(), ", "), "model.layers.0.self_attn.q_proj.weight")
+	}
+	return &Reader{cfg: cfg, ckpt: ckpt, dtype: dt}, nil
+}
+
+// Config is the checkpoint's parsed config.json.
+func (r *Reader) Config() Config { return r.cfg }
+
+// StorageDType is the stored dtype of the attention weights (layer 0's q_proj).
+func (r *Reader) StorageDType() safetensors.DType { return r.dtype }
+
+// Checkpoint is the open safetensors checkpoint, for tensors the Reader
+// does not interpret. It is closed by Close.
+func (r *Reader) Checkpoint() *safetensors.Checkpoint { return r.ckpt }
+
+// Close releases the checkpoint's files.
+func (r *Reader) Close() error { return r.ckpt.Close() }
+
+// Embed reads the token embedding (VocabSize×HiddenSize).
+func (r *Reader) Embed() ([]float32, error) {
+	var e []float32
+	return e, r.read(context.Background(), []tensorReq{embedReq(r.cfg, &e)}, nil)
+}
+
+// Norm reads the final RMSNorm weight.
+func (r *Reader) Norm() ([]float32, error) {
+	var n []float32
+	return n, r.read(context.Background(), []tensorReq{normReq(r.cfg, &n)}, nil)
+}
+
+// LMHead reads the output projection; with tied embeddings it is the
+// token embedding.
+func (r *Reader) LMHead() (Linear, error) {
+	var l Linear
+	req := embedReq(r.cfg, &l.W)
+	if !r.cfg.TieWordEmbeddings {
+		req = headReq(r.cfg, &l.W)
+	}
+	return l, r.read(context.Background(), []tensorReq{req}, nil)
+}
+
+// Layer reads and checks decoder layer i's tensors only.
+func (r *Reader) Layer(ctx context.Context, i int) (*Layer, error) {
+	if i < 0 || i >= r.cfg.NumLayers {
+		return nil, fmt.Errorf("checkpoint %s: layer %d out of range [0, %d)", strings.Join(r.ckpt.Files(), ", "), i, r.cfg.NumLayers)
+	}
+	l := &Layer{}
+	if err := r.read(ctx, layerReqs(r.cfg, i, l), nil); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// load reads the whole model, reporting progress over all its tensors.
+func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Model, error) {
+	cfg := r.cfg
+	m := &Model{Config: cfg, Layers: make([]Layer, cfg.NumLayers), StorageDType: r.dtype}
+	reqs := []tensorReq{embedReq(r.cfg, &m.Embed), normReq(r.cfg, &m.Norm)}
+	if !cfg.TieWordEmbeddings {
+		reqs = append(reqs, headReq(r.cfg, &m.LMHead.W))
+	}
+	for i := range m.Layers {
+		reqs = append(reqs, layerReqs(r.cfg, i, &m.Layers[i])...)
+	}
+	if err := r.read(ctx, reqs, progress); err != nil {
+		return nil, err
+	}
+	if cfg.TieWordEmbeddings {
+		m.LMHead.W = m.Embed
+	}
+	return m, nil
 }
 
 // tensorReq is one tensor the model needs, with the shape config.json implies.
@@ -80,60 +181,74 @@ type tensorReq struct {
 	dst   *[]float32
 }
 
-func fromCheckpoint(ctx context.Context, cfg Config, ckpt *safetensors.Checkpoint, progress func(done, total int)) (*Model, error) {
-	// Each layer has several tensors: a layer count beyond the tensor count
-	// is a config error, found before anything is sized by it.
-	if cfg.NumLayers > len(ckpt.Names()) {
-		return nil, fmt.Errorf("config.json: num_hidden_layers %d exceeds the %d tensors of checkpoint %s", cfg.NumLayers, len(ckpt.Names()), strings.Join(ckpt.Files(), ", "))
-	}
+func embedReq(cfg Config, dst *[]float32) tensorReq {
+	return tensorReq{"model.embed_tokens.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst}
+}
+
+func normReq(cfg Config, dst *[]float32) tensorReq {
+	return tensorReq{"model.norm.weight", []int{cfg.HiddenSize}, dst}
+}
+
+func headReq(cfg Config, dst *[]float32) tensorReq {
+	return tensorReq{"lm_head.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst}
+}
+
+// layerReqs lists layer i's tensors, GQA or MLA as cfg says, to be read
+// into (or written from) l. It sets l.MLA for MLA configs if nil.
+func layerReqs(cfg Config, i int, l *Layer) []tensorReq {
 	D, I := cfg.HiddenSize, cfg.IntermediateSize
-	qOut, kvOut := cfg.NumHeads*cfg.HeadDim, cfg.NumKVHeads*cfg.HeadDim
-	m := &Model{Config: cfg, Layers: make([]Layer, cfg.NumLayers)}
+	p := fmt.Sprintf("model.layers.%d.", i)
 	reqs := []tensorReq{
-		{"model.embed_tokens.weight", []int{cfg.VocabSize, D}, &m.Embed},
-		{"model.norm.weight", []int{D}, &m.Norm},
+		{p + "input_layernorm.weight", []int{D}, &l.AttnNorm},
+		{p + "post_attention_layernorm.weight", []int{D}, &l.MLPNorm},
 	}
-	if !cfg.TieWordEmbeddings {
-		reqs = append(reqs, tensorReq{"lm_head.weight", []int{cfg.VocabSize, D}, &m.LMHead.W})
-	}
-	linear := func(prefix string, l *Linear, out, in int, bias bool) {
-		reqs = append(reqs, tensorReq{prefix + ".weight", []int{out, in}, &l.W})
+	linear := func(name string, l *Linear, out, in int, bias bool) {
+		reqs = append(reqs, tensorReq{p + name + ".weight", []int{out, in}, &l.W})
 		if bias {
-			reqs = append(reqs, tensorReq{prefix + ".bias", []int{out}, &l.B})
+			reqs = append(reqs, tensorReq{p + name + ".bias", []int{out}, &l.B})
 		}
 	}
-	for i := range m.Layers {
-		l := &m.Layers[i]
-		p := fmt.Sprintf("model.layers.%d.", i)
-		reqs = append(reqs,
-			tensorReq{p + "input_layernorm.weight", []int{D}, &l.AttnNorm},
-			tensorReq{p + "post_attention_layernorm.weight", []int{D}, &l.MLPNorm})
-		linear(p+"self_attn.q_proj", &l.Q, qOut, D, cfg.QKVBias)
-		linear(p+"self_attn.k_proj", &l.K, kvOut, D, cfg.QKVBias)
-		linear(p+"self_attn.v_proj", &l.V, kvOut, D, cfg.QKVBias)
-		linear(p+"self_attn.o_proj", &l.O, D, qOut, cfg.OBias)
-		linear(p+"mlp.gate_proj", &l.Gate, I, D, cfg.MLPBias)
-		linear(p+"mlp.up_proj", &l.Up, I, D, cfg.MLPBias)
-		linear(p+"mlp.down_proj", &l.Down, D, I, cfg.MLPBias)
+	if m := cfg.MLA; m != nil {
+		H := cfg.NumHeads
+		if l.MLA == nil {
+			l.MLA = &MLALayer{}
+		}
+		linear("self_attn.q_proj", &l.MLA.Q, H*(m.QKNopeHeadDim+m.QKRopeHeadDim), D, m.QBias)
+		linear("self_attn.kv_a_proj_with_mqa", &l.MLA.KVA, m.KVLoraRank+m.QKRopeHeadDim, D, m.KVABias)
+		if m.KVANorm {
+			reqs = append(reqs, tensorReq{p + "self_attn.kv_a_layernorm.weight", []int{m.KVLoraRank}, &l.MLA.KVANorm})
+		}
+		linear("self_attn.kv_b_proj", &l.MLA.KVB, H*(m.QKNopeHeadDim+m.VHeadDim), m.KVLoraRank, false)
+		linear("self_attn.o_proj", &l.O, D, H*m.VHeadDim, cfg.OBias)
+	} else {
+		qOut, kvOut := cfg.NumHeads*cfg.HeadDim, cfg.NumKVHeads*cfg.HeadDim
+		linear("self_attn.q_proj", &l.Q, qOut, D, cfg.QKVBias)
+		linear("self_attn.k_proj", &l.K, kvOut, D, cfg.QKVBias)
+		linear("self_attn.v_proj", &l.V, kvOut, D, cfg.QKVBias)
+		linear("self_attn.o_proj", &l.O, D, qOut, cfg.OBias)
 	}
-	for i, r := range reqs {
+	linear("mlp.gate_proj", &l.Gate, I, D, cfg.MLPBias)
+	linear("mlp.up_proj", &l.Up, I, D, cfg.MLPBias)
+	linear("mlp.down_proj", &l.Down, D, I, cfg.MLPBias)
+	return reqs
+}
+
+// read loads reqs in order, checking ctx between tensors.
+func (r *Reader) read(ctx context.Context, reqs []tensorReq, progress func(done, total int)) error {
+	for i, req := range reqs {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return err
 		}
-		data, err := readTensor(ckpt, r)
+		data, err := readTensor(r.ckpt, req)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		*r.dst = data
+		*req.dst = data
 		if progress != nil {
 			progress(i+1, len(reqs))
 		}
 	}
-	if cfg.TieWordEmbeddings {
-		m.LMHead.W = m.Embed
-	}
-	m.StorageDType, _ = AttentionDType(ckpt) // present: checked above
-	return m, nil
+	return nil
 }
 
 func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
@@ -154,4 +269,55 @@ func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
 		}
 	}
 	return data, nil
+}
+
+// LayerTensors returns decoder layer i's tensors, stored as dt, under the
+// names and shapes that Load expects for cfg (GQA or MLA): the one place
+// exporters take tensor names from. It fails if a tensor of l is missing or
+// has the wrong length.
+func LayerTensors(cfg Config, i int, l *Layer, dt safetensors.DType) ([]safetensors.TensorSpec, error) {
+	if cfg.MLA != nil && l.MLA == nil {
+		return nil, fmt.Errorf("layer %d: MLA config but the layer has no MLA weights", i)
+	}
+	return specs(layerReqs(cfg, i, l), dt)
+}
+
+// Tensors returns all of m's tensors, stored as dt, under the names and
+// shapes that Load expects (no lm_head with tied embeddings).
+func (m *Model) Tensors(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
+	cfg := m.Config
+	reqs := []tensorReq{embedReq(cfg, &m.Embed), normReq(cfg, &m.Norm)}
+	if !cfg.TieWordEmbeddings {
+		reqs = append(reqs, headReq(cfg, &m.LMHead.W))
+	}
+	out, err := specs(reqs, dt)
+	if err != nil {
+		return nil, err
+	}
+	if len(m.Layers) != cfg.NumLayers {
+		return nil, fmt.Errorf("model has %d layers, config says %d", len(m.Layers), cfg.NumLayers)
+	}
+	for i := range m.Layers {
+		ls, err := LayerTensors(cfg, i, &m.Layers[i], dt)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ls...)
+	}
+	return out, nil
+}
+
+func specs(reqs []tensorReq, dt safetensors.DType) ([]safetensors.TensorSpec, error) {
+	out := make([]safetensors.TensorSpec, 0, len(reqs))
+	for _, r := range reqs {
+		n := 1
+		for _, d := range r.shape {
+			n *= d
+		}
+		if len(*r.dst) != n {
+			return nil, fmt.Errorf("tensor %q: %d values for shape %v", r.name, len(*r.dst), r.shape)
+		}
+		out = append(out, safetensors.Float32Tensor(r.name, dt, r.shape, *r.dst))
+	}
+	return out, nil
 }

@@ -158,22 +158,41 @@ type Table struct {
 	cos, sin []float32
 }
 
-// NewTable precomputes the rotation for positions [0, maxPos).
+// NewTable precomputes the rotation of p for positions [0, maxPos).
 func NewTable(p Params, maxPos int) (*Table, error) {
-	if maxPos < 0 {
-		return nil, fmt.Errorf("rope: negative table length %d", maxPos)
-	}
 	inv, attn, err := p.InvFreq()
 	if err != nil {
 		return nil, err
 	}
-	half := len(inv)
+	return NewTableFromInvFreq(inv, attn, maxPos)
+}
+
+// NewTableFromInvFreq precomputes the rotation for positions [0, maxPos)
+// from explicit inverse frequencies ω_j (one per rotated pair), with cos and
+// sin multiplied by attentionFactor. Converted models whose RoPE pairs carry
+// frequencies of no standard scheme use it.
+func NewTableFromInvFreq(invFreq []float64, attentionFactor float64, maxPos int) (*Table, error) {
+	if maxPos < 0 {
+		return nil, fmt.Errorf("rope: negative table length %d", maxPos)
+	}
+	if len(invFreq) == 0 {
+		return nil, fmt.Errorf("rope: no inverse frequencies")
+	}
+	for j, f := range invFreq {
+		if math.IsNaN(f) || math.IsInf(f, 0) {
+			return nil, fmt.Errorf("rope: inverse frequency %d is %v", j, f)
+		}
+	}
+	if math.IsNaN(attentionFactor) || math.IsInf(attentionFactor, 0) {
+		return nil, fmt.Errorf("rope: attention factor is %v", attentionFactor)
+	}
+	half := len(invFreq)
 	t := &Table{half: half, cos: make([]float32, maxPos*half), sin: make([]float32, maxPos*half)}
 	for pos := 0; pos < maxPos; pos++ {
-		for j, f := range inv {
+		for j, f := range invFreq {
 			s, c := math.Sincos(float64(pos) * f)
-			t.cos[pos*half+j] = float32(c * attn)
-			t.sin[pos*half+j] = float32(s * attn)
+			t.cos[pos*half+j] = float32(c * attentionFactor)
+			t.sin[pos*half+j] = float32(s * attentionFactor)
 		}
 	}
 	return t, nil
@@ -193,5 +212,23 @@ func (t *Table) Rotate(x []float32, pos int) {
 		a, b := lo[j], hi[j]
 		lo[j] = a*c[j] - b*s[j]
 		hi[j] = b*c[j] + a*s[j]
+	}
+}
+
+// RotateInterleaved applies RoPE in the interleaved layout (DeepSeek's
+// rope_interleave) to one vector x of length 2·half at position pos: the
+// pair (x_2j, x_2j+1) is rotated by angle pos·ω_j. Transformers instead
+// de-interleaves x and applies rotate-half; that is the same rotation
+// followed by a permutation applied to queries and keys alike, so scores
+// agree.
+func (t *Table) RotateInterleaved(x []float32, pos int) {
+	h := t.half
+	c := t.cos[pos*h : pos*h+h]
+	s := t.sin[pos*h : pos*h+h]
+	x = x[:2*h]
+	for j := range h {
+		a, b := x[2*j], x[2*j+1]
+		x[2*j] = a*c[j] - b*s[j]
+		x[2*j+1] = b*c[j] + a*s[j]
 	}
 }

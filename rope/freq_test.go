@@ -108,3 +108,101 @@ func TestRotatePreservesNormAndMatchesAngle(t *testing.T) {
 		}
 	}
 }
+
+func TestNewTableFromInvFreq(t *testing.T) {
+	p := Params{Dim: 8, Theta: 10000, Scaling: Scaling{Type: "yarn", Factor: 4, OriginalMaxPositionEmbeddings: 64}}
+	inv, attn, err := p.InvFreq()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		inv     []float64
+		attn    float64
+		maxPos  int
+		wantErr string
+	}{
+		{"same as NewTable", inv, attn, 16, ""},
+		{"custom frequencies", []float64{0.5, 0.25, 2, 0}, 1, 16, ""},
+		{"negative length", inv, attn, -1, "negative table length"},
+		{"no frequencies", nil, 1, 4, "no inverse frequencies"},
+		{"NaN frequency", []float64{1, math.NaN()}, 1, 4, "inverse frequency 1"},
+		{"infinite factor", inv, math.Inf(1), 4, "attention factor"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := NewTableFromInvFreq(tc.inv, tc.attn, tc.maxPos)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Len() != tc.maxPos {
+				t.Errorf("Len %d, want %d", got.Len(), tc.maxPos)
+			}
+			for pos := range tc.maxPos {
+				for j, f := range tc.inv {
+					wc, ws := tc.attn*math.Cos(float64(pos)*f), tc.attn*math.Sin(float64(pos)*f)
+					if math.Abs(float64(got.cos[pos*len(tc.inv)+j])-wc) > 1e-6 || math.Abs(float64(got.sin[pos*len(tc.inv)+j])-ws) > 1e-6 {
+						t.Fatalf("pos %d pair %d: cos/sin %v/%v, want %v/%v", pos, j, got.cos[pos*len(tc.inv)+j], got.sin[pos*len(tc.inv)+j], wc, ws)
+					}
+				}
+			}
+		})
+	}
+	// NewTable is NewTableFromInvFreq of Params.InvFreq.
+	a, _ := NewTable(p, 16)
+	b, _ := NewTableFromInvFreq(inv, attn, 16)
+	for i := range a.cos {
+		if a.cos[i] != b.cos[i] || a.sin[i] != b.sin[i] {
+			t.Fatalf("NewTable and NewTableFromInvFreq differ at %d", i)
+		}
+	}
+}
+
+// RotateInterleaved is transformers' de-interleave → rotate-half, with the
+// result interleaved back: permute, Rotate, unpermute.
+func TestRotateInterleavedEqualsPermutedRotate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		p    Params
+		pos  int
+	}{
+		{"dim 2", Params{Dim: 2, Theta: 10000}, 5},
+		{"dim 8", Params{Dim: 8, Theta: 10000}, 7},
+		{"dim 16 yarn", Params{Dim: 16, Theta: 10000, Scaling: Scaling{Type: "yarn", Factor: 4, OriginalMaxPositionEmbeddings: 32}}, 31},
+		{"position 0", Params{Dim: 8, Theta: 500}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tab, err := NewTable(tc.p, 32)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d, half := tc.p.Dim, tc.p.Dim/2
+			x := make([]float32, d)
+			for i := range x {
+				x[i] = float32(math.Sin(float64(3*i+1))) + 0.5
+			}
+			// [x0, x1, x2, x3, …] → [x0, x2, …, x1, x3, …]
+			perm := make([]float32, d)
+			for j := range half {
+				perm[j], perm[half+j] = x[2*j], x[2*j+1]
+			}
+			tab.Rotate(perm, tc.pos)
+			want := make([]float32, d)
+			for j := range half {
+				want[2*j], want[2*j+1] = perm[j], perm[half+j]
+			}
+			got := append([]float32(nil), x...)
+			tab.RotateInterleaved(got, tc.pos)
+			for i := range got {
+				if got[i] != want[i] {
+					t.Fatalf("RotateInterleaved %v, want %v", got, want)
+				}
+			}
+		})
+	}
+}

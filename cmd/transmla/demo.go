@@ -7,9 +7,10 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/transmla/transmla/convert"
 	"github.com/transmla/transmla/eval"
-	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/rope"
 )
 
 // demoText is the built-in evaluation text of the demo, written for this project.
@@ -32,16 +33,21 @@ position, joins the value in the latent, and a low-rank factorization decides wh
 is kept. Calibration text shows which directions the activations really use.
 `
 
+// demoRank is the demo's kv_lora_rank: with the synthetic model's 2 KV heads
+// of 32 dims and a RoPE key of 32, it halves the KV cache.
+const demoRank = 32
+
 func demoCommand() *cli.Command {
 	return withUsageErrors(&cli.Command{
 		Name:  "demo",
-		Usage: "the main job on the built-in default: synthesize a small GQA checkpoint, inspect, evaluate and generate",
+		Usage: "the main job on the built-in default: synthesize a small GQA checkpoint, convert it to MLA, compare before and after",
 		Description: `Needs no downloads: writes the deterministic synthetic checkpoint of
-"transmla synth" (to --dir, or a temporary directory removed afterwards), then runs
-inspect, eval on a built-in text and generate on it.`,
+"transmla synth" (to --dir, or a temporary directory removed afterwards), converts it
+with "transmla convert --dc 32" (data-free; the built-in text is for evaluation only),
+evaluates both on a built-in text and prints perplexity and KV cache before and after.`,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "dir", Usage: "keep the synthetic checkpoint in this directory (an existing one needs --force)"},
-			&cli.BoolFlag{Name: "force", Usage: "replace --dir if it exists"},
+			&cli.StringFlag{Name: "dir", Usage: "keep the synthetic checkpoint in DIR and the converted one in DIR-mla (existing ones need --force)"},
+			&cli.BoolFlag{Name: "force", Usage: "replace --dir and DIR-mla if they exist"},
 			&cli.IntFlag{Name: "ctx", Usage: "eval window length", Value: 128},
 		},
 		Action: func(c *cli.Context) error {
@@ -56,45 +62,84 @@ inspect, eval on a built-in text and generate on it.`,
 				defer os.RemoveAll(tmp)
 				dir = filepath.Join(tmp, "synthetic-gqa")
 			}
+			mlaDir := filepath.Clean(dir) + "-mla"
+			if _, err := os.Stat(mlaDir); err == nil && !force {
+				return usagef("output %s exists; use --force to replace it", mlaDir)
+			}
 			if err := writeSynthetic(c.Context, dir, model.DefaultSynthetic(), force); err != nil {
 				return err
 			}
-			fmt.Fprintf(w, "== synthetic checkpoint written to %s\n", dir)
+			fmt.Fprintf(w, "== synthetic GQA checkpoint written to %s\n", dir)
 			rep, err := inspect(dir)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(w, "%s: %d layers, %d query heads × %d, %d KV heads, %.2fM parameters (%s)\n",
 				rep.Architecture, rep.Layers, rep.Heads, rep.HeadDim, rep.KVHeads, float64(rep.Parameters)/1e6, rep.DType)
-			fmt.Fprintf(w, "KV cache: %d values = %d B per token\n", rep.KVCacheValuesPerToken, rep.KVCacheBytesPerToken)
-
-			m, tok, err := loadModel(c.Context, dir, c.App.ErrWriter)
+			be, err := backendFor(c)
 			if err != nil {
 				return err
 			}
+
+			fmt.Fprintf(w, "== transmla convert %s --dc %d -o %s\n", dir, demoRank, mlaDir)
+			sum, err := convert.Run(c.Context, convert.Job{
+				Source: dir, Output: mlaDir, Force: true, Backend: be, Version: version,
+				Options: convert.Options{Rank: demoRank, RopeDim: min(64, rep.HeadDim), RopeMethod: rope.MethodRoRoPE,
+					FreqFold: convert.AutoFreqFold(rep.HeadDim, min(64, rep.HeadDim)),
+					NopeSpan: convert.DefaultNopeSpan, Weighting: convert.WeightAttention, Format: convert.FormatExact},
+			})
+			if err != nil {
+				return fmt.Errorf("convert %s: %w", dir, err)
+			}
+			fmt.Fprintf(w, "%s, %.1f s\n", sum.Method, sum.Seconds)
+
 			ctx := c.Int("ctx")
-			ids := tok.Encode(demoText, true)
-			if ctx < 2 || ctx > len(ids) {
-				return usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", len(ids), ctx)
+			type result struct {
+				ppl, tps    float64
+				cacheValues int
+				cacheBytes  int64
+				generated   []int
 			}
-			runner, err := eval.NewRunner(m, kernels.Gonum{}, max(ctx, 64))
+			measure := func(path string) (result, error) {
+				m, tok, err := loadModel(c.Context, path, c.App.ErrWriter)
+				if err != nil {
+					return result{}, err
+				}
+				ids := tok.Encode(demoText, true)
+				if ctx < 2 || ctx > len(ids) {
+					return result{}, usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", len(ids), ctx)
+				}
+				runner, err := eval.NewRunner(m, be, max(ctx, 64))
+				if err != nil {
+					return result{}, err
+				}
+				res, err := eval.Perplexity(c.Context, runner, ids, eval.PerplexityOptions{Ctx: ctx})
+				if err != nil {
+					return result{}, err
+				}
+				out, err := eval.Greedy(c.Context, runner, tok.Encode("The cache", true), eval.GenerateOptions{MaxTokens: 16})
+				if err != nil {
+					return result{}, err
+				}
+				return result{res.PPL, res.TokensPerSecond, m.Config.KVCacheValuesPerToken(), m.KVCacheBytesPerToken(), out}, nil
+			}
+			before, err := measure(dir)
 			if err != nil {
 				return err
 			}
-			res, err := eval.Perplexity(c.Context, runner, ids, eval.PerplexityOptions{Ctx: ctx})
+			after, err := measure(mlaDir)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(w, "== eval on the built-in text (%d tokens, ctx %d)\n", len(ids), ctx)
-			fmt.Fprintf(w, "ppl %.4f over %d scored tokens in %d windows, %.0f tokens/s\n", res.PPL, res.TokensScored, res.Windows, res.TokensPerSecond)
-			fmt.Fprintf(w, "(random weights; guessing uniformly over the vocabulary would give %d)\n", m.Config.VocabSize)
-
-			prompt := tok.Encode("The cache", true)
-			out, err := eval.Greedy(c.Context, runner, prompt, eval.GenerateOptions{MaxTokens: 16})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(w, "== greedy continuation ids: %v\n", out)
+			fmt.Fprintf(w, "== before and after, on the built-in text (ctx %d)\n", ctx)
+			fmt.Fprintf(w, "%-26s %14s %14s\n", "", "GQA (before)", "MLA (after)")
+			fmt.Fprintf(w, "%-26s %14.4f %14.4f\n", "perplexity", before.ppl, after.ppl)
+			fmt.Fprintf(w, "%-26s %14d %14d\n", "KV cache values/token", before.cacheValues, after.cacheValues)
+			fmt.Fprintf(w, "%-26s %14s %14s\n", "KV cache bytes/token", humanBytes(before.cacheBytes), humanBytes(after.cacheBytes))
+			fmt.Fprintf(w, "%-26s %29.1f%%\n", "cache reduction", 100*sum.Reduction)
+			fmt.Fprintf(w, "%-26s %14.0f %14.0f\n", "eval tokens/s", before.tps, after.tps)
+			fmt.Fprintf(w, "(random weights: guessing uniformly over the vocabulary would give ppl %d)\n", rep.Vocab)
+			fmt.Fprintf(w, "greedy ids before: %v\ngreedy ids after:  %v\n", before.generated, after.generated)
 			return nil
 		},
 	})

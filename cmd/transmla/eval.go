@@ -7,7 +7,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/transmla/transmla/eval"
-	"github.com/transmla/transmla/kernels"
 )
 
 // evalReport is the --json output of eval.
@@ -66,7 +65,10 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			if err := checkContext(m.Config, c.Int("ctx"), len(ids)); err != nil {
 				return err
 			}
-			be := kernels.Gonum{}
+			be, err := backendFor(c)
+			if err != nil {
+				return err
+			}
 			runner, err := eval.NewRunner(m, be, c.Int("ctx"))
 			if err != nil {
 				return err

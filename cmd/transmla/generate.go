@@ -6,7 +6,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/transmla/transmla/eval"
-	"github.com/transmla/transmla/kernels"
 )
 
 func generateCommand() *cli.Command {
@@ -50,7 +49,11 @@ then decodes greedily until --max-tokens or an EOS token.`,
 			if n := c.Int("max-tokens"); n > limit-len(prompt) {
 				return usagef("--max-tokens %d with a %d-token prompt exceeds the model's %d positions", n, len(prompt), limit)
 			}
-			runner, err := eval.NewRunner(m, kernels.Gonum{}, len(prompt)+c.Int("max-tokens"))
+			be, err := backendFor(c)
+			if err != nil {
+				return err
+			}
+			runner, err := eval.NewRunner(m, be, len(prompt)+c.Int("max-tokens"))
 			if err != nil {
 				return err
 			}

@@ -13,12 +13,23 @@ import (
 )
 
 type layerShapes struct {
-	Layer int              `json:"layer"`
-	Q     []int            `json:"q_proj"`
-	K     []int            `json:"k_proj"`
-	V     []int            `json:"v_proj"`
-	O     []int            `json:"o_proj"`
-	Bias  map[string][]int `json:"biases,omitempty"`
+	Layer int `json:"layer"`
+	// Weights maps each attention projection (q_proj, k_proj, … for GQA;
+	// q_proj, kv_a_proj_with_mqa, kv_b_proj, … for MLA) to its shape.
+	Weights map[string][]int `json:"weights"`
+	Bias    map[string][]int `json:"biases,omitempty"`
+}
+
+// attentionTensors names the attention weights of cfg's layers.
+func attentionTensors(cfg model.Config) []string {
+	if cfg.MLA == nil {
+		return []string{"q_proj", "k_proj", "v_proj", "o_proj"}
+	}
+	names := []string{"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+	if cfg.MLA.KVANorm {
+		names = append(names, "kv_a_layernorm")
+	}
+	return names
 }
 
 type inspectReport struct {
@@ -39,9 +50,13 @@ type inspectReport struct {
 	RopeScaling           string        `json:"rope_scaling"`
 	TiedEmbeddings        bool          `json:"tie_word_embeddings"`
 	QKVBias               bool          `json:"qkv_bias"`
+	KVLoraRank            int           `json:"kv_lora_rank,omitempty"`
+	QKRopeHeadDim         int           `json:"qk_rope_head_dim,omitempty"`
 	KVCacheValuesPerToken int           `json:"kv_cache_values_per_token"`
 	KVCacheBytesPerToken  int64         `json:"kv_cache_bytes_per_token"`
 	Attention             []layerShapes `json:"attention"`
+
+	tensorNames []string
 }
 
 func inspectCommand() *cli.Command {
@@ -68,13 +83,26 @@ func inspectCommand() *cli.Command {
 			w := c.App.Writer
 			fmt.Fprintf(w, "model         %s\n", rep.Model)
 			fmt.Fprintf(w, "architecture  %s, %d layers, hidden %d, MLP %d, vocab %d\n", rep.Architecture, rep.Layers, rep.HiddenSize, rep.Intermediate, rep.Vocab)
-			fmt.Fprintf(w, "attention     %d query heads × %d, %d KV heads (group %d), q/k/v bias %v\n", rep.Heads, rep.HeadDim, rep.KVHeads, rep.Heads/rep.KVHeads, rep.QKVBias)
+			if rep.KVLoraRank > 0 {
+				fmt.Fprintf(w, "attention     MLA: %d heads × %d (incl. rope %d), latent kv_lora_rank %d\n", rep.Heads, rep.HeadDim, rep.QKRopeHeadDim, rep.KVLoraRank)
+			} else {
+				fmt.Fprintf(w, "attention     %d query heads × %d, %d KV heads (group %d), q/k/v bias %v\n", rep.Heads, rep.HeadDim, rep.KVHeads, rep.Heads/rep.KVHeads, rep.QKVBias)
+			}
 			fmt.Fprintf(w, "rope          theta %g, scaling %s\n", rep.RopeTheta, rep.RopeScaling)
 			fmt.Fprintf(w, "parameters    %d (%.1fM) in %d tensors, %s, %s\n", rep.Parameters, float64(rep.Parameters)/1e6, rep.Tensors, rep.DType, strings.Join(rep.Files, ", "))
 			fmt.Fprintf(w, "KV cache      %d values = %d B per token\n", rep.KVCacheValuesPerToken, rep.KVCacheBytesPerToken)
-			fmt.Fprintf(w, "layer  q_proj       k_proj       v_proj       o_proj\n")
+			names := rep.tensorNames
+			fmt.Fprintf(w, "layer")
+			for _, n := range names {
+				fmt.Fprintf(w, "  %-18s", n)
+			}
+			fmt.Fprintln(w)
 			for _, l := range rep.Attention {
-				fmt.Fprintf(w, "%5d  %-12s %-12s %-12s %-12s\n", l.Layer, shape(l.Q), shape(l.K), shape(l.V), shape(l.O))
+				fmt.Fprintf(w, "%5d", l.Layer)
+				for _, n := range names {
+					fmt.Fprintf(w, "  %-18s", shape(l.Weights[n]))
+				}
+				fmt.Fprintln(w)
 			}
 			return nil
 		},
@@ -105,6 +133,10 @@ func inspect(dir string) (inspectReport, error) {
 		HeadDim: cfg.HeadDim, Intermediate: cfg.IntermediateSize, Vocab: cfg.VocabSize,
 		RopeTheta: cfg.Rope.Theta, RopeScaling: "none", TiedEmbeddings: cfg.TieWordEmbeddings, QKVBias: cfg.QKVBias,
 		KVCacheValuesPerToken: cfg.KVCacheValuesPerToken(),
+		tensorNames:           attentionTensors(cfg),
+	}
+	if cfg.MLA != nil {
+		rep.KVLoraRank, rep.QKRopeHeadDim = cfg.MLA.KVLoraRank, cfg.MLA.QKRopeHeadDim
 	}
 	if t := cfg.Rope.Scaling.Type; t != "" && t != "default" {
 		rep.RopeScaling = fmt.Sprintf("%s ×%g", t, cfg.Rope.Scaling.Factor)
@@ -134,17 +166,19 @@ func inspect(dir string) (inspectReport, error) {
 			}
 			return info.Shape
 		}
-		ls := layerShapes{Layer: i, Q: get("q_proj.weight"), K: get("k_proj.weight"), V: get("v_proj.weight"), O: get("o_proj.weight")}
-		for _, b := range []string{"q_proj", "k_proj", "v_proj", "o_proj"} {
+		ls := layerShapes{Layer: i, Weights: map[string][]int{}}
+		for _, b := range rep.tensorNames {
+			w := get(b + ".weight")
+			if w == nil {
+				return rep, fmt.Errorf("checkpoint %s: layer %d lacks %s%s.weight", dir, i, p, b)
+			}
+			ls.Weights[b] = w
 			if s := get(b + ".bias"); s != nil {
 				if ls.Bias == nil {
 					ls.Bias = map[string][]int{}
 				}
 				ls.Bias[b] = s
 			}
-		}
-		if ls.Q == nil || ls.K == nil || ls.V == nil || ls.O == nil {
-			return rep, fmt.Errorf("checkpoint %s: layer %d lacks a q/k/v/o projection weight", dir, i)
 		}
 		rep.Attention = append(rep.Attention, ls)
 	}

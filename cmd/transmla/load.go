@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/tokenizer"
 )
@@ -109,4 +110,13 @@ func requireFlags(c *cli.Context, names ...string) error {
 		}
 	}
 	return nil
+}
+
+// backendFor returns the compute backend the global --blas flag selects.
+func backendFor(c *cli.Context) (kernels.Backend, error) {
+	be, err := kernels.Select(c.String("blas"))
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--blas: %w", err)}
+	}
+	return be, nil
 }

@@ -73,6 +73,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ErrWriter: stderr,
 		Flags: []cli.Flag{
 			&cli.IntFlag{Name: "threads", Usage: "CPU threads for compute (the default is every core)", Value: runtime.NumCPU()},
+			&cli.StringFlag{Name: "blas", Usage: "matrix-product backend: auto (fastest measured per shape), go (built-in kernels), openblas (loaded at run time)", Value: "auto"},
 		},
 		Before: func(c *cli.Context) error {
 			if n := c.Int("threads"); n > 0 {
@@ -86,6 +87,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ExitErrHandler: func(*cli.Context, error) {}, // main decides the exit code
 		Commands: []*cli.Command{
 			demoCommand(),
+			convertCommand(),
 			evalCommand(),
 			inspectCommand(),
 			generateCommand(),

@@ -39,7 +39,7 @@ func TestDemo(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("demo exit %d: %s", code, stderr)
 	}
-	for _, want := range []string{"synthetic checkpoint written", "KV cache: 512 values = 1024 B per token", "ppl ", "greedy continuation ids: ["} {
+	for _, want := range []string{"synthetic GQA checkpoint written", "transmla convert", "KV cache values/token", " 512 ", " 256\n", "cache reduction", "50.0%", "greedy ids after:  ["} {
 		if !strings.Contains(out, want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out)
 		}
@@ -124,7 +124,7 @@ func TestErrorsAndExitCodes(t *testing.T) {
 		{"ctx too small", []string{"eval", dir, "--data", "x", "--ctx", "1"}, exitUsage, "--ctx must be at least 2"},
 		{"missing model", []string{"inspect", filepath.Join(dir, "absent")}, exitError, "absent"},
 		{"missing data", []string{"eval", dir, "--data", filepath.Join(dir, "absent.txt")}, exitError, "read --data"},
-		{"unsupported architecture", []string{"inspect", badArch}, exitError, `unsupported architecture "GPT2LMHeadModel" (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)`},
+		{"unsupported architecture", []string{"inspect", badArch}, exitError, `unsupported architecture "GPT2LMHeadModel" (supported: DeepseekV3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)`},
 		{"synth refuses to overwrite", []string{"synth", "-o", dir}, exitUsage, "exists; use --force"},
 		{"ctx beyond the trained context", []string{"eval", dir, "--data", filepath.Join(dir, "config.json"), "--ctx", "4096"}, exitUsage, "exceeds the model's max_position_embeddings 2048"},
 		{"data shorter than a window", []string{"eval", dir, "--data", filepath.Join(dir, "config.json"), "--ctx", "2000"}, exitError, "fewer than one window of --ctx 2000"},

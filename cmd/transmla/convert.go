@@ -1,0 +1,148 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"path/filepath"
+	"strconv"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/convert"
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/rope"
+)
+
+// convertReport is the --json output of convert.
+type convertReport struct {
+	*convert.Summary
+	PeakRSSBytes int64  `json:"peak_rss_bytes"`
+	Backend      string `json:"backend"`
+}
+
+func convertCommand() *cli.Command {
+	return withUsageErrors(&cli.Command{
+		Name:      "convert",
+		Usage:     "rewrite a GQA checkpoint as MLA (DeepSeek-V3 layout) with a --dc-wide latent KV cache",
+		ArgsUsage: "MODEL",
+		Description: `Moves RoPE into a decoupled key of --rope-dim dims shared by all heads, factors
+the position-free keys and the values into one latent of --dc dims, folds the rest
+into q_proj and kv_b_proj, and writes a DeepSeek-V3 checkpoint to -o DIR. The KV
+cache per token and layer becomes dc + rope-dim values instead of 2·n_kv·head_dim.
+
+With --calib FILE the factorizations use activation statistics of the model on that
+text (never calibrate on the evaluation text); without it they use the weights only.
+Layers are read, calibrated, converted and written one at a time. The output
+directory appears only when complete; MODEL is never modified.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
+			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
+			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (required); at most 2·n_kv·head_dim − rope-dim"},
+			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim: even, dividing head_dim (default: 64, or head_dim if smaller)"},
+			&cli.StringFlag{Name: "rope-select", Usage: "which key dims keep RoPE: rorope (PCA across KV heads), or per-head pairs 2norm, high, uniform", Value: rope.MethodRoRoPE},
+			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of head_dim/rope-dim, or auto", Value: "auto"},
+			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
+			&cli.StringFlag{Name: "weighting", Usage: "latent error weight: attention (keys through queries, values through o_proj), bkv (balanced K/V), none", Value: convert.WeightAttention},
+			&cli.Float64Flag{Name: "value-weight", Usage: "attention weighting: weight of value error relative to key error", Value: 1},
+			&cli.StringFlag{Name: "calib", Usage: "calibration text file (activation-aware factorization)"},
+			&cli.IntFlag{Name: "calib-tokens", Usage: "calibration tokens run through the model", Value: 32768},
+			&cli.IntFlag{Name: "calib-seq", Usage: "length of each calibration sequence", Value: 512},
+			&cli.Uint64Flag{Name: "seed", Usage: "seed that picks the calibration sequences", Value: 42},
+			&cli.StringFlag{Name: "format", Usage: "exact (this tool's eval) or deepseek-v3-stock (transformers, vLLM, SGLang)", Value: convert.FormatExact},
+			&cli.StringFlag{Name: "dtype", Usage: "stored dtype: bf16, f16, f32 (default: the source's)"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of the table"},
+		},
+		Action: func(c *cli.Context) error {
+			if err := requireFlags(c, "output", "dc"); err != nil {
+				return err
+			}
+			dir, err := modelArg(c)
+			if err != nil {
+				return err
+			}
+			cfg, err := model.LoadConfig(dir)
+			if err != nil {
+				return err
+			}
+			if cfg.MLA != nil {
+				return fmt.Errorf("%s is already MLA (%s); convert reads GQA checkpoints", dir, cfg.Architecture)
+			}
+			ropeDim := c.Int("rope-dim")
+			if !c.IsSet("rope-dim") {
+				ropeDim = min(64, cfg.HeadDim)
+			}
+			opts := convert.Options{
+				Rank:        c.Int("dc"),
+				RopeDim:     ropeDim,
+				RopeMethod:  c.String("rope-select"),
+				NopeSpan:    c.Float64("nope-span"),
+				Weighting:   c.String("weighting"),
+				ValueWeight: c.Float64("value-weight"),
+				Format:      c.String("format"),
+			}
+			if f := c.String("freqfold"); f != "auto" {
+				n, err := strconv.Atoi(f)
+				if err != nil {
+					return usagef("--freqfold %q: want a number or auto", f)
+				}
+				opts.FreqFold = n
+			} else if opts.RopeMethod == rope.MethodRoRoPE {
+				opts.FreqFold = convert.AutoFreqFold(cfg.HeadDim, opts.RopeDim)
+			}
+			if err := opts.Validate(cfg); err != nil {
+				return usageError{err}
+			}
+			be, err := backendFor(c)
+			if err != nil {
+				return err
+			}
+			job := convert.Job{
+				Source: dir, Output: c.String("output"), Force: c.Bool("force"),
+				Options: opts, DType: c.String("dtype"), Backend: be, Version: version,
+			}
+			if f := c.String("calib"); f != "" {
+				job.Calibration = &convert.Calibration{File: f, Tokens: c.Int("calib-tokens"), SeqLen: c.Int("calib-seq"), Seed: c.Uint64("seed")}
+			}
+			stages := []string{convert.StageCalibrate, convert.StageConvert, convert.StageWrite}
+			bar := newProgress(c.App.ErrWriter, cfg.NumLayers*len(stages), "converting")
+			job.Progress = func(ev convert.Event) {
+				for i, s := range stages {
+					if s == ev.Stage {
+						bar.Set(ev.Layer*len(stages)+i, ev.Layers*len(stages))
+					}
+				}
+			}
+			sum, err := convert.Run(c.Context, job)
+			bar.Done()
+			if err != nil {
+				return fmt.Errorf("convert %s: %w", dir, err)
+			}
+			rep := convertReport{Summary: sum, PeakRSSBytes: peakRSS(), Backend: be.Name()}
+			if c.Bool("json") {
+				return writeJSON(c.App.Writer, rep)
+			}
+			printConvertTable(c.App.Writer, rep)
+			return nil
+		},
+	})
+}
+
+func printConvertTable(w io.Writer, r convertReport) {
+	fmt.Fprintf(w, "converted   %s → %s (%s, %s)\n", r.Source, r.Output, r.Format, r.DType)
+	fmt.Fprintf(w, "method      %s\n", r.Method)
+	if r.CalibrationSHA256 != "" {
+		fmt.Fprintf(w, "calibrated  %d tokens (sha256 %.12s…)\n", r.CalibrationTokens, r.CalibrationSHA256)
+	} else {
+		fmt.Fprintf(w, "calibrated  no (data-free)\n")
+	}
+	fmt.Fprintf(w, "latent      kv_lora_rank %d + qk_rope_head_dim %d per layer\n", r.Rank, r.RopeDim)
+	fmt.Fprintf(w, "\n%-22s %16s %16s\n", "KV cache per token", "before (GQA)", "after (MLA)")
+	fmt.Fprintf(w, "%-22s %16d %16d\n", "values, all layers", r.CacheValuesBefore, r.CacheValuesAfter)
+	fmt.Fprintf(w, "%-22s %16s %16s\n", "bytes ("+r.DType+")", humanBytes(r.CacheBytesBefore), humanBytes(r.CacheBytesAfter))
+	fmt.Fprintf(w, "%-22s %33.1f%%\n", "reduction", 100*r.Reduction)
+	fmt.Fprintf(w, "\ntime        %.1f s (%s backend)\n", r.Seconds, r.Backend)
+	if r.PeakRSSBytes > 0 {
+		fmt.Fprintf(w, "peak memory %s RSS\n", humanBytes(r.PeakRSSBytes))
+	}
+	fmt.Fprintf(w, "evaluate    transmla eval %s --data FILE\n", filepath.Clean(r.Output))
+}

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/safetensors"
+)
+
+func calibFile(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "calib.txt")
+	if err := os.WriteFile(p, []byte(strings.Repeat(demoText, 3)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestConvertThenEval(t *testing.T) {
+	dir := synthetic(t)
+	out := filepath.Join(t.TempDir(), "mla")
+	stdout, stderr, code := run(t, "convert", dir, "--dc", "32", "-o", out, "--calib", calibFile(t), "--calib-tokens", "512", "--calib-seq", "128", "--json")
+	if code != 0 {
+		t.Fatalf("convert exit %d: %s", code, stderr)
+	}
+	var rep convertReport
+	if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+		t.Fatalf("convert --json: %v\n%s", err, stdout)
+	}
+	// Synthetic: 4 layers, 2 KV heads × 32; d_r = min(64, 32).
+	if rep.CacheValuesBefore != 4*2*2*32 || rep.CacheValuesAfter != 4*(32+32) || rep.Rank != 32 || rep.RopeDim != 32 {
+		t.Errorf("cache %d → %d values, rank %d, rope %d; want %d → %d, 32, 32", rep.CacheValuesBefore, rep.CacheValuesAfter, rep.Rank, rep.RopeDim, 256, 256)
+	}
+	if math.Abs(rep.Reduction-0.5) > 1e-12 {
+		t.Errorf("reduction %v, want 0.5", rep.Reduction)
+	}
+	stdout, stderr, code = run(t, "eval", out, "--data", calibFile(t), "--ctx", "64", "--json")
+	if code != 0 {
+		t.Fatalf("eval of the converted model exit %d: %s", code, stderr)
+	}
+	var ev evalReport
+	if err := json.Unmarshal([]byte(stdout), &ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.Architecture != "DeepseekV3ForCausalLM" || ev.KVCacheValuesPerToken != 4*64 || !(ev.PPL > 1) {
+		t.Errorf("eval: %s, %d cache values, ppl %v", ev.Architecture, ev.KVCacheValuesPerToken, ev.PPL)
+	}
+	stdout, stderr, code = run(t, "inspect", out)
+	if code != 0 || !strings.Contains(stdout, "kv_lora_rank 32") {
+		t.Errorf("inspect of the converted model exit %d: %s%s", code, stdout, stderr)
+	}
+	// The table, without --json.
+	stdout, stderr, code = run(t, "convert", dir, "--dc", "64", "-o", out, "--force", "--format", "deepseek-v3-stock")
+	if code != 0 || !strings.Contains(stdout, "reduction") || !strings.Contains(stdout, "25.0%") {
+		t.Errorf("convert table exit %d:\n%s%s", code, stdout, stderr)
+	}
+}
+
+func TestConvertBadInput(t *testing.T) {
+	dir := synthetic(t)
+	mla := filepath.Join(t.TempDir(), "mla")
+	if _, stderr, code := run(t, "convert", dir, "--dc", "32", "-o", mla); code != 0 {
+		t.Fatalf("convert: %s", stderr)
+	}
+	nan := synthetic(t)
+	m, err := model.Load(t.Context(), nan, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Layers[2].K.W[5] = float32(math.Inf(1))
+	specs, err := m.Tensors(safetensors.BF16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := safetensors.WriteCheckpoint(t.Context(), nan, specs, safetensors.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"dc above the lossless bound", []string{"convert", dir, "--dc", "97"}, exitUsage, "above the lossless bound 2·n_kv·d_h − d_r = 96"},
+		{"odd rope dim", []string{"convert", dir, "--dc", "32", "--rope-dim", "7"}, exitUsage, "--rope-dim 7 must be a positive even number"},
+		{"rope dim above head_dim", []string{"convert", dir, "--dc", "32", "--rope-dim", "64"}, exitUsage, "--rope-dim 64 exceeds head_dim 32"},
+		{"bad freqfold", []string{"convert", dir, "--dc", "32", "--freqfold", "3"}, exitUsage, "--freqfold 3"},
+		{"missing dc", []string{"convert", dir}, exitUsage, "--dc"},
+		{"already MLA", []string{"convert", mla, "--dc", "32"}, exitError, "already MLA"},
+		{"non-finite weights", []string{"convert", nan, "--dc", "32"}, exitError, "non-finite"},
+		{"unreadable calibration file", []string{"convert", dir, "--dc", "32", "--calib", filepath.Join(dir, "absent.txt")}, exitError, "calibration file"},
+		{"existing output", []string{"convert", dir, "--dc", "32", "-o", mla}, exitError, "pass --force"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			parent := t.TempDir()
+			out := filepath.Join(parent, "out")
+			args := tc.args
+			if !strings.Contains(strings.Join(args, " "), " -o ") {
+				args = append(args, "-o", out)
+			}
+			_, stderr, code := run(t, args...)
+			if code != tc.code || !strings.Contains(stderr, tc.want) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", code, stderr, tc.code, tc.want)
+			}
+			if strings.Count(strings.TrimSpace(stderr), "\n") > 0 && !strings.Contains(stderr, "Incorrect Usage") {
+				t.Errorf("error is not one line: %q", stderr)
+			}
+			if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("%s was written", out)
+			}
+			if entries, _ := os.ReadDir(parent); len(entries) != 0 {
+				t.Errorf("left behind: %v", entries)
+			}
+		})
+	}
+}

@@ -1,0 +1,190 @@
+// Package convert rewrites a GQA checkpoint as Multi-head Latent Attention
+// in DeepSeek-V3's layout: RoPE moves into a small decoupled key (rope/),
+// the position-free keys and the values share one low-rank latent (svd/),
+// the query side absorbs the rest, and the result is written as a
+// DeepSeek-V3 checkpoint, one layer at a time.
+package convert
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/rope"
+)
+
+// Output formats.
+const (
+	// FormatExact keeps every bias and has no kv_a_layernorm: the converted
+	// function exactly, read by this project's eval.
+	FormatExact = "exact"
+	// FormatStock loads unchanged in transformers, vLLM and SGLang: a
+	// kv_a_layernorm on the latent and no q/kv_a biases.
+	FormatStock = "deepseek-v3-stock"
+)
+
+// Formats lists the output formats.
+var Formats = []string{FormatExact, FormatStock}
+
+// Error weightings of the joint latent.
+const (
+	// WeightNone is plain PCA (calibrated) or SVD (data-free) of [K_nope; V].
+	WeightNone = "none"
+	// WeightBalanced scales the key rows so keys and values carry equal
+	// energy first (TransMLA's balanced KV).
+	WeightBalanced = "bkv"
+	// WeightAttention weights the key error by the queries that read it and
+	// the value error by o_proj, what attention actually sees.
+	WeightAttention = "attention"
+)
+
+// Weightings lists the error weightings.
+var Weightings = []string{WeightNone, WeightBalanced, WeightAttention}
+
+// Options controls a conversion.
+type Options struct {
+	// Rank is d_c, the latent width (kv_lora_rank).
+	Rank int
+	// RopeDim is d_r, the decoupled RoPE key width (qk_rope_head_dim).
+	RopeDim int
+	// RopeMethod is one of rope.Methods.
+	RopeMethod string
+	// FreqFold is RoRoPE's band of frequencies rotated together; 0 is the
+	// smallest (head_dim/rope_dim).
+	FreqFold int
+	// QueryWeight mixes query moments into RoRoPE's components (0 = keys only).
+	QueryWeight float64
+	// NopeSpan, when positive, scales each position-free key component by
+	// the mean of cos(ωΔ) over distances Δ in [0, NopeSpan]: the rotation
+	// it lost, averaged.
+	NopeSpan float64
+	// Weighting is one of Weightings.
+	Weighting string
+	// ValueWeight tilts the attention weighting towards values (>1) or
+	// keys (<1); 0 means 1.
+	ValueWeight float64
+	// Format is one of Formats.
+	Format string
+	// ExactRoPE keeps RoPE on every key dim at its own frequency (the
+	// exactness anchor); such a model is evaluated in memory only.
+	ExactRoPE bool
+
+	// ropeOnly skips the factorization: the latent is [K_nope; V] itself,
+	// the RoPE stage alone, which tests compare the lossless rank with.
+	ropeOnly bool
+}
+
+// DefaultNopeSpan is the --nope-span measured best on the shared Llama and
+// Qwen2 models (8 beat 0, 4, 16, 32, 128 and 1024).
+const DefaultNopeSpan = 8
+
+// AutoFreqFold is the FreqFold that --freqfold auto picks: two RoPE slots'
+// worth of frequencies (2·head_dim/rope_dim) where that divides head_dim/2,
+// the best measured on the shared models, else the smallest.
+func AutoFreqFold(headDim, ropeDim int) int {
+	if ropeDim <= 0 || headDim%ropeDim != 0 {
+		return 0 // Validate reports the bad --rope-dim
+	}
+	c := headDim / ropeDim
+	if (headDim/2)%(2*c) == 0 {
+		return 2 * c
+	}
+	return c
+}
+
+func (o Options) valueWeight() float64 {
+	if o.ValueWeight == 0 {
+		return 1
+	}
+	return o.ValueWeight
+}
+
+// LosslessRank is the d_c above which the latent cannot lose anything:
+// the 2·n_kv·d_h stacked K/V dims less the d_r that RoPE keeps.
+func LosslessRank(cfg model.Config, ropeDim int) int {
+	return 2*cfg.NumKVHeads*cfg.HeadDim - ropeDim
+}
+
+// Validate checks the options against the source model; its errors name
+// the flag to fix.
+func (o Options) Validate(cfg model.Config) error {
+	if cfg.MLA != nil {
+		return fmt.Errorf("the model is already MLA (%s); convert reads GQA models (%v)", cfg.Architecture, gqaArchitectures())
+	}
+	if cfg.Rope.Dim != cfg.HeadDim {
+		return fmt.Errorf("the model rotates %d of %d head dims (partial_rotary_factor); only full-RoPE sources are supported", cfg.Rope.Dim, cfg.HeadDim)
+	}
+	if o.ExactRoPE {
+		if o.Format != "" && o.Format != FormatExact {
+			return fmt.Errorf("the exact-RoPE anchor cannot be written as %s", o.Format)
+		}
+	} else {
+		d := cfg.HeadDim
+		switch {
+		case o.RopeDim <= 0 || o.RopeDim%2 != 0:
+			return fmt.Errorf("--rope-dim %d must be a positive even number", o.RopeDim)
+		case o.RopeDim > d:
+			return fmt.Errorf("--rope-dim %d exceeds head_dim %d", o.RopeDim, d)
+		case d%o.RopeDim != 0:
+			return fmt.Errorf("--rope-dim %d must divide head_dim %d (DeepSeek's RoPE frequencies must be a subset of the source's)", o.RopeDim, d)
+		}
+		if !slices.Contains(rope.Methods, o.RopeMethod) {
+			return fmt.Errorf("--rope-select %q is not one of %v", o.RopeMethod, rope.Methods)
+		}
+		if o.FreqFold != 0 {
+			c := d / o.RopeDim
+			if o.RopeMethod != rope.MethodRoRoPE {
+				return fmt.Errorf("--freqfold applies to --rope-select %s only", rope.MethodRoRoPE)
+			}
+			if o.FreqFold < 0 || o.FreqFold%c != 0 || (d/2)%o.FreqFold != 0 {
+				return fmt.Errorf("--freqfold %d must be a multiple of head_dim/rope_dim = %d that divides head_dim/2 = %d", o.FreqFold, c, d/2)
+			}
+		}
+		if bound := LosslessRank(cfg, o.RopeDim); o.Rank > bound {
+			return fmt.Errorf("--dc %d is above the lossless bound 2·n_kv·d_h − d_r = %d; use --dc %d or less", o.Rank, bound, bound)
+		}
+	}
+	if o.Rank <= 0 {
+		return fmt.Errorf("--dc %d must be positive", o.Rank)
+	}
+	if !slices.Contains(Weightings, o.Weighting) {
+		return fmt.Errorf("--weighting %q is not one of %v", o.Weighting, Weightings)
+	}
+	if o.ValueWeight < 0 {
+		return fmt.Errorf("--value-weight %v must not be negative", o.ValueWeight)
+	}
+	if o.Format != "" && !slices.Contains(Formats, o.Format) {
+		return fmt.Errorf("--format %q is not one of %v", o.Format, Formats)
+	}
+	return nil
+}
+
+func gqaArchitectures() []string {
+	return slices.DeleteFunc(model.Supported(), func(s string) bool { return s == "DeepseekV3ForCausalLM" })
+}
+
+// TargetConfig is the MLA config of the converted model.
+func TargetConfig(src model.Config, o Options) model.Config {
+	dst := src
+	dst.Architecture = "DeepseekV3ForCausalLM"
+	dr := o.RopeDim
+	if o.ExactRoPE {
+		dr = src.NumKVHeads * src.HeadDim
+	}
+	stock := o.Format == FormatStock
+	dst.MLA = &model.MLAConfig{
+		KVLoraRank:     min(o.Rank, LosslessRank(src, dr)),
+		QKRopeHeadDim:  dr,
+		QKNopeHeadDim:  src.HeadDim,
+		VHeadDim:       src.HeadDim,
+		KVANorm:        stock,
+		QBias:          src.QKVBias && !stock,
+		KVABias:        src.QKVBias && !stock,
+		RopeInterleave: true,
+	}
+	dst.NumKVHeads = src.NumHeads
+	dst.HeadDim = src.HeadDim + dr
+	dst.Rope.Dim = dr
+	dst.QKVBias = false
+	return dst
+}

@@ -1,0 +1,437 @@
+package convert
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/transmla/transmla/eval"
+	"github.com/transmla/transmla/kernels"
+	"github.com/transmla/transmla/model"
+	"github.com/transmla/transmla/safetensors"
+	"github.com/transmla/transmla/tokenizer"
+)
+
+// Calibration selects the activation data of a calibrated conversion.
+type Calibration struct {
+	// File is the calibration text; never the evaluation text.
+	File string
+	// Tokens is how many tokens are run through the model.
+	Tokens int
+	// SeqLen is the length of each calibration sequence.
+	SeqLen int
+	// Seed fixes which sequences are drawn.
+	Seed uint64
+}
+
+// Job is one conversion of a checkpoint directory into a new one.
+type Job struct {
+	// Source is the GQA checkpoint directory; it is only read.
+	Source string
+	// Output is the directory to create.
+	Output string
+	// Force replaces an existing Output (only once the new one is complete).
+	Force bool
+	// Options are the conversion's choices.
+	Options Options
+	// DType is the stored dtype of the output: "bf16", "f16", "f32", or ""
+	// for the source's.
+	DType string
+	// Calibration is nil for a data-free conversion.
+	Calibration *Calibration
+	// Backend computes the calibration forward pass.
+	Backend kernels.Backend
+	// Version is the tool version recorded in the metadata.
+	Version string
+	// Progress, when not nil, is told each layer's stage as it starts.
+	Progress func(Event)
+}
+
+// Event reports progress: stage of layer Layer (of Layers).
+type Event struct {
+	Stage         string
+	Layer, Layers int
+}
+
+// Progress stages.
+const (
+	StageCalibrate = "calibrate"
+	StageConvert   = "convert"
+	StageWrite     = "write"
+)
+
+// Summary is what a conversion did.
+type Summary struct {
+	Source  string `json:"source"`
+	Output  string `json:"output"`
+	Format  string `json:"format"`
+	DType   string `json:"dtype"`
+	Rank    int    `json:"kv_lora_rank"`
+	RopeDim int    `json:"qk_rope_head_dim"`
+	Method  string `json:"method"`
+	// CalibrationSHA256 identifies the calibration text ("" when data-free).
+	CalibrationSHA256 string `json:"calibration_sha256,omitempty"`
+	CalibrationTokens int    `json:"calibration_tokens,omitempty"`
+	// Cache per token over all layers, before and after.
+	CacheValuesBefore int           `json:"cache_values_per_token_before"`
+	CacheValuesAfter  int           `json:"cache_values_per_token_after"`
+	CacheBytesBefore  int64         `json:"cache_bytes_per_token_before"`
+	CacheBytesAfter   int64         `json:"cache_bytes_per_token_after"`
+	Reduction         float64       `json:"cache_reduction"`
+	Seconds           float64       `json:"seconds"`
+	Layers            []LayerReport `json:"layers"`
+}
+
+// Method describes the options in one line, as recorded in the metadata.
+func (o Options) Method(calibrated bool) string {
+	latent := "svd"
+	if calibrated {
+		latent = "pca"
+	}
+	rope := o.RopeMethod
+	if rope == "rorope" {
+		rope = fmt.Sprintf("rorope(freqfold=%d)", o.FreqFold)
+	}
+	if o.NopeSpan > 0 {
+		rope += fmt.Sprintf("+nope_span(%g)", o.NopeSpan)
+	}
+	w := o.Weighting
+	if w == WeightAttention && o.valueWeight() != 1 {
+		w += fmt.Sprintf(",value_weight=%g", o.valueWeight())
+	}
+	return fmt.Sprintf("%s+%s(weighting=%s)", rope, latent, w)
+}
+
+// Run converts job.Source into job.Output one layer at a time: each layer
+// is read, calibrated (its attention inputs collected by running it on the
+// calibration hidden states), converted and written before the next is
+// read. Output appears only when complete; on error nothing is left.
+func Run(ctx context.Context, job Job) (*Summary, error) {
+	start := time.Now()
+	reader, err := model.OpenReader(job.Source)
+	if err != nil {
+		return nil, err
+	}
+	defer reader.Close()
+	src := reader.Config()
+	opts := job.Options
+	if opts.Format == "" {
+		opts.Format = FormatExact
+	}
+	if err := opts.Validate(src); err != nil {
+		return nil, err
+	}
+	if opts.ExactRoPE {
+		return nil, errors.New("the exact-RoPE anchor has no file format")
+	}
+	dst := TargetConfig(src, opts)
+	dt := reader.StorageDType()
+	if job.DType != "" {
+		var ok bool
+		if dt, ok = dtypes[job.DType]; !ok {
+			return nil, fmt.Errorf("--dtype %q is not one of bf16, f16, f32", job.DType)
+		}
+	}
+	if err := checkOutput(job.Source, job.Output, job.Force); err != nil {
+		return nil, err
+	}
+	be := job.Backend
+	if be == nil {
+		be = kernels.Gonum{}
+	}
+
+	st := &stream{ctx: ctx, job: job, reader: reader, src: src, dst: dst, opts: opts, be: be, cur: -1}
+	sum := &Summary{Source: job.Source, Output: job.Output, Format: opts.Format, DType: dtypeName(dt),
+		Rank: dst.MLA.KVLoraRank, RopeDim: dst.MLA.QKRopeHeadDim, Method: opts.Method(job.Calibration != nil),
+		CacheValuesBefore: src.KVCacheValuesPerToken(), CacheValuesAfter: dst.KVCacheValuesPerToken(),
+		CacheBytesBefore: src.KVCacheBytesPerToken(dt), CacheBytesAfter: dst.KVCacheBytesPerToken(dt)}
+	sum.Reduction = 1 - float64(sum.CacheValuesAfter)/float64(sum.CacheValuesBefore)
+	if c := job.Calibration; c != nil {
+		hash, err := st.prepareCalibration(c)
+		if err != nil {
+			return nil, err
+		}
+		sum.CalibrationSHA256 = hash
+		sum.CalibrationTokens = len(st.seqs) * c.SeqLen
+	}
+
+	tmp, err := os.MkdirTemp(filepath.Dir(filepath.Clean(job.Output)), "."+filepath.Base(job.Output)+".partial-")
+	if err != nil {
+		return nil, fmt.Errorf("create output: %w", err)
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			os.RemoveAll(tmp)
+		}
+	}()
+	specs, err := st.specs(dt)
+	if err != nil {
+		return nil, err
+	}
+	meta := map[string]string{
+		"format":                    "pt",
+		"transmla.source":           filepath.Base(filepath.Clean(job.Source)),
+		"transmla.kv_lora_rank":     fmt.Sprint(sum.Rank),
+		"transmla.qk_rope_head_dim": fmt.Sprint(sum.RopeDim),
+		"transmla.method":           sum.Method,
+		"transmla.format":           opts.Format,
+		"transmla.version":          job.Version,
+	}
+	if sum.CalibrationSHA256 != "" {
+		meta["transmla.calibration_sha256"] = sum.CalibrationSHA256
+	}
+	if err := safetensors.WriteCheckpoint(ctx, tmp, specs, safetensors.WriteOptions{Metadata: meta, MaxShardBytes: 5 << 30}); err != nil {
+		return nil, err
+	}
+	extra := map[string]any{
+		"torch_dtype": torchDType(dt),
+		"transmla": map[string]any{
+			"format":              opts.Format,
+			"kv_a_layernorm":      dst.MLA.KVANorm,
+			"q_bias":              dst.MLA.QBias,
+			"kv_a_bias":           dst.MLA.KVABias,
+			"source":              meta["transmla.source"],
+			"source_architecture": src.Architecture,
+			"method":              sum.Method,
+			"calibration_sha256":  sum.CalibrationSHA256,
+			"version":             job.Version,
+		},
+	}
+	cfgJSON, err := model.DeepSeekV3Config(dst, extra)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "config.json"), cfgJSON, 0o644); err != nil {
+		return nil, fmt.Errorf("write config.json: %w", err)
+	}
+	if _, err := copySideFiles(job.Source, tmp); err != nil {
+		return nil, err
+	}
+	// MkdirTemp creates 0700; the result is an ordinary directory.
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return nil, fmt.Errorf("create output: %w", err)
+	}
+	if err := commitDir(tmp, job.Output, job.Force); err != nil {
+		return nil, err
+	}
+	committed = true
+	sum.Layers = st.reports
+	sum.Seconds = time.Since(start).Seconds()
+	return sum, nil
+}
+
+// checkOutput refuses an output that is the source, or exists without force.
+func checkOutput(source, output string, force bool) error {
+	if output == "" {
+		return errors.New("no output directory (-o DIR)")
+	}
+	a, _ := filepath.Abs(source)
+	b, _ := filepath.Abs(output)
+	if a == b {
+		return fmt.Errorf("output %s is the source checkpoint; convert never modifies its input", output)
+	}
+	if _, err := os.Stat(output); err == nil && !force {
+		return fmt.Errorf("output %s exists; pass --force to replace it", output)
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("output %s: %w", output, err)
+	}
+	return nil
+}
+
+// commitDir moves the finished temporary directory into place; an existing
+// output (force) is moved aside first and removed only after.
+func commitDir(tmp, output string, force bool) error {
+	var old string
+	if _, err := os.Stat(output); err == nil {
+		if !force {
+			return fmt.Errorf("output %s appeared during the conversion; pass --force to replace it", output)
+		}
+		old = tmp + ".old"
+		if err := os.Rename(output, old); err != nil {
+			return fmt.Errorf("replace %s: %w", output, err)
+		}
+	}
+	if err := os.Rename(tmp, output); err != nil {
+		if old != "" {
+			os.Rename(old, output)
+		}
+		return fmt.Errorf("move the result into %s: %w", output, err)
+	}
+	if old != "" {
+		if err := os.RemoveAll(old); err != nil {
+			return fmt.Errorf("remove the replaced %s: %w", old, err)
+		}
+	}
+	return nil
+}
+
+// stream converts layers in order, holding one at a time.
+type stream struct {
+	ctx      context.Context
+	job      Job
+	reader   *model.Reader
+	src, dst model.Config
+	opts     Options
+	be       kernels.Backend
+
+	// Calibration state: the hidden states of every sequence after the
+	// layers converted so far.
+	seqs   [][]int
+	hidden []float32
+	runner *eval.LayerRunner
+
+	cur     int
+	layer   *model.Layer
+	reports []LayerReport
+}
+
+// prepareCalibration tokenizes the calibration file and draws sequences.
+func (s *stream) prepareCalibration(c *Calibration) (string, error) {
+	text, err := os.ReadFile(c.File)
+	if err != nil {
+		return "", fmt.Errorf("calibration file: %w", err)
+	}
+	sum := sha256.Sum256(text)
+	tok, err := tokenizer.Load(filepath.Join(s.job.Source, "tokenizer.json"))
+	if err != nil {
+		return "", fmt.Errorf("calibration needs the source's tokenizer: %w", err)
+	}
+	ids := tok.Encode(string(text), false)
+	s.seqs, err = CalibrationSequences(ids, c.Tokens, c.SeqLen, c.Seed)
+	if err != nil {
+		return "", fmt.Errorf("calibration file %s: %w", c.File, err)
+	}
+	s.runner, err = eval.NewLayerRunner(s.src, s.be, c.SeqLen)
+	if err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(sum[:]), nil
+}
+
+// get returns converted layer i; layers must be asked for in order.
+func (s *stream) get(i int) (*model.Layer, error) {
+	if i == s.cur {
+		return s.layer, nil
+	}
+	if i != s.cur+1 {
+		return nil, fmt.Errorf("layer %d asked for after layer %d", i, s.cur)
+	}
+	s.layer = nil // let the previous layer go before reading the next
+	n := s.src.NumLayers
+	l, err := s.reader.Layer(s.ctx, i)
+	if err != nil {
+		return nil, err
+	}
+	var moment []float64
+	if s.seqs != nil {
+		s.progress(StageCalibrate, i, n)
+		if s.hidden == nil {
+			if s.hidden, err = s.embedCalibration(); err != nil {
+				return nil, err
+			}
+		}
+		acc := newMomentAccumulator(s.be, s.src.HiddenSize)
+		// Running the source layer collects its inputs and moves the hidden
+		// states on to the next layer's inputs.
+		if err := s.runner.Apply(s.ctx, l, s.hidden, len(s.seqs), acc.add); err != nil {
+			return nil, fmt.Errorf("calibration forward, layer %d: %w", i, err)
+		}
+		moment = acc.moment()
+	}
+	s.progress(StageConvert, i, n)
+	out, rep, err := ConvertLayer(s.src, s.dst, s.opts, l, moment)
+	if err != nil {
+		return nil, fmt.Errorf("layer %d: %w", i, err)
+	}
+	rep.Layer = i
+	s.reports = append(s.reports, rep)
+	s.cur, s.layer = i, out
+	s.progress(StageWrite, i, n)
+	return out, nil
+}
+
+func (s *stream) progress(stage string, i, n int) {
+	if s.job.Progress != nil {
+		s.job.Progress(Event{Stage: stage, Layer: i, Layers: n})
+	}
+}
+
+func (s *stream) embedCalibration() ([]float32, error) {
+	embed, err := s.reader.Embed()
+	if err != nil {
+		return nil, err
+	}
+	D := s.src.HiddenSize
+	h := make([]float32, 0, len(s.seqs)*len(s.seqs[0])*D)
+	for _, seq := range s.seqs {
+		for _, t := range seq {
+			if t < 0 || t >= s.src.VocabSize {
+				return nil, fmt.Errorf("calibration token id %d is outside the vocabulary of %d", t, s.src.VocabSize)
+			}
+			h = append(h, embed[t*D:(t+1)*D]...)
+		}
+	}
+	return h, nil
+}
+
+// specs plans every output tensor in Hugging Face's order; layer tensors
+// are converted when written.
+func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
+	lazy := func(name string, shape []int, read func() ([]float32, error)) safetensors.TensorSpec {
+		return safetensors.TensorSpec{Name: name, DType: dt, Shape: shape, Write: func(w io.Writer) error {
+			data, err := read()
+			if err != nil {
+				return err
+			}
+			return safetensors.Float32Tensor(name, dt, shape, data).Write(w)
+		}}
+	}
+	D := s.src.HiddenSize
+	out := []safetensors.TensorSpec{lazy("model.embed_tokens.weight", []int{s.src.VocabSize, D}, s.reader.Embed)}
+	for i := range s.src.NumLayers {
+		ls, err := lazyLayerTensors(s.dst, i, dt, s.get)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ls...)
+	}
+	out = append(out, lazy("model.norm.weight", []int{D}, s.reader.Norm))
+	if !s.src.TieWordEmbeddings {
+		out = append(out, lazy("lm_head.weight", []int{s.src.VocabSize, D}, func() ([]float32, error) {
+			l, err := s.reader.LMHead()
+			return l.W, err
+		}))
+	}
+	return out, nil
+}
+
+var dtypes = map[string]safetensors.DType{"bf16": safetensors.BF16, "f16": safetensors.F16, "f32": safetensors.F32}
+
+func dtypeName(dt safetensors.DType) string {
+	for name, d := range dtypes {
+		if d == dt {
+			return name
+		}
+	}
+	return dt.String()
+}
+
+// torchDType is config.json's torch_dtype for dt.
+func torchDType(dt safetensors.DType) string {
+	switch dt {
+	case safetensors.BF16:
+		return "bfloat16"
+	case safetensors.F16:
+		return "float16"
+	default:
+		return "float32"
+	}
+}

@@ -1,0 +1,505 @@
+package kernels
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+)
+
+// gemmKernel is one register-tile micro-kernel and its matrix-vector helper.
+type gemmKernel struct {
+	name   string
+	mr, nr int // tile: mr rows of C by nr columns
+	// tile computes acc = Ap·Bp for packed panels (kc steps of mr values of
+	// A, kc steps of nr values of B) and stores C = alpha·acc when
+	// overwrite != 0, else C += alpha·acc, for the mr×nr tile at c[0].
+	// Callers guarantee len(a) ≥ kc·mr, len(b) ≥ kc·nr and
+	// len(c) ≥ (mr-1)·ldc+nr: the assembly does not check.
+	tile func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int)
+	// dot4 writes out[r] = Σ_{p<q} x[p]·b[r·ldb+p] for r < 4 and returns q,
+	// the prefix of k it covered (k itself, or less for tails it leaves to
+	// the caller). Callers guarantee k > 0 and len(b) ≥ 3·ldb+k.
+	dot4 func(k int, x, b []float32, ldb int, out *[4]float32) int
+	// interleave writes dst[p·dstStride+i] = src[i·ld+p] for p < kc and
+	// i < rows: the transposing copy of panel packing.
+	interleave func(kc int, src []float32, ld, rows int, dst []float32, dstStride int)
+}
+
+// goKernel is the portable micro-kernel, for CPUs without AVX2.
+var goKernel = &gemmKernel{name: "generic", mr: 4, nr: 8, tile: tileGo, dot4: dot4Go, interleave: interleaveGo}
+
+func interleaveGo(kc int, src []float32, ld, rows int, dst []float32, dstStride int) {
+	for i := range rows {
+		for p, v := range src[i*ld : i*ld+kc] {
+			dst[p*dstStride+i] = v
+		}
+	}
+}
+
+// simd is the fastest kernel of this CPU, chosen once; read-only after.
+var simd = func() *gemmKernel {
+	if ks := simdKernels(); len(ks) > 0 {
+		return ks[0]
+	}
+	return goKernel
+}()
+
+func tileGo(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
+	var acc [4][8]float32
+	a, b = a[:kc*4], b[:kc*8]
+	for p := range kc {
+		ap, bp := a[p*4:p*4+4], b[p*8:p*8+8]
+		for i, av := range ap {
+			row := &acc[i]
+			for j, bv := range bp {
+				row[j] += av * bv
+			}
+		}
+	}
+	for i := range 4 {
+		row := c[i*ldc : i*ldc+8]
+		for j, v := range acc[i] {
+			if overwrite != 0 {
+				row[j] = alpha * v
+			} else {
+				row[j] += alpha * v
+			}
+		}
+	}
+}
+
+func dot4Go(k int, x, b []float32, ldb int, out *[4]float32) int {
+	x = x[:k]
+	for r := range 4 {
+		row := b[r*ldb : r*ldb+k]
+		var s0, s1, s2, s3 float32
+		i := 0
+		for ; i+4 <= k; i += 4 {
+			s0 += x[i] * row[i]
+			s1 += x[i+1] * row[i+1]
+			s2 += x[i+2] * row[i+2]
+			s3 += x[i+3] * row[i+3]
+		}
+		for ; i < k; i++ {
+			s0 += x[i] * row[i]
+		}
+		out[r] = (s0 + s1) + (s2 + s3)
+	}
+	return k
+}
+
+// Cache blocking. kcBlock steps of a B micro-panel (kcBlock·nr floats) stay
+// in L1 while the mcBlock rows of packed A stream from L2; ncBlock columns
+// of packed B are reused by all rows of A.
+const (
+	kcBlock = 256
+	mcBlock = 168
+	ncBlock = 4096
+	// minWorkPerThread (multiply-adds) keeps small products on one
+	// goroutine, where starting others costs more than it saves.
+	minWorkPerThread = 1 << 17
+)
+
+// Native is the Backend of this package's own kernels: assembly
+// micro-kernels (AVX-512 or AVX2/FMA, chosen once from the CPU's features)
+// or a portable Go kernel elsewhere, inside a cache-blocked, panel-packing
+// GEMM that splits C over goroutines. The zero value is ready to use;
+// a Native must not be copied after first use.
+type Native struct {
+	// Threads bounds the goroutines of one product; 0 means GOMAXPROCS.
+	Threads int
+	kernel  *gemmKernel // nil: the CPU's fastest
+	bufs    sync.Pool   // *gemmBuf, reused packing space
+}
+
+// NewNative returns the native backend with the CPU's fastest kernel.
+func NewNative() *Native { return &Native{} }
+
+// Name implements Backend.
+func (g *Native) Name() string { return "go" }
+
+// Kernel names the micro-kernel in use: "avx512", "avx2" or "generic".
+func (g *Native) Kernel() string { return g.kern().name }
+
+func (g *Native) kern() *gemmKernel {
+	if g.kernel != nil {
+		return g.kernel
+	}
+	return simd
+}
+
+// serial returns a single-goroutine view of g sharing its buffers, for
+// callers that already run one product per core.
+func (g *Native) serial() Backend { return serialNative{g} }
+
+type serialNative struct{ g *Native }
+
+func (s serialNative) Name() string { return s.g.Name() }
+
+func (s serialNative) Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	s.g.gemm(1, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+type gemmBuf struct {
+	a, b []float32
+	edge []float32
+	x    []float32
+}
+
+func (g *Native) getBuf() *gemmBuf {
+	if v, ok := g.bufs.Get().(*gemmBuf); ok {
+		return v
+	}
+	return &gemmBuf{}
+}
+
+func grow(s []float32, n int) []float32 {
+	if cap(s) < n {
+		return make([]float32, n)
+	}
+	return s[:n]
+}
+
+// Gemm implements Backend.
+func (g *Native) Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	threads := g.Threads
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
+	}
+	g.gemm(threads, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+func checkGemm(transA, transB bool, m, n, k int, a []float32, lda int, b []float32, ldb int, c []float32, ldc int) {
+	if m < 0 || n < 0 || k < 0 {
+		panic(fmt.Sprintf("kernels: negative gemm size %d×%d×%d", m, n, k))
+	}
+	ar, ac := m, k
+	if transA {
+		ar, ac = k, m
+	}
+	br, bc := k, n
+	if transB {
+		br, bc = n, k
+	}
+	need := func(what string, s []float32, rows, cols, ld int) {
+		if rows == 0 || cols == 0 {
+			return
+		}
+		if (rows > 1 && ld < cols) || len(s) < (rows-1)*ld+cols {
+			panic(fmt.Sprintf("kernels: gemm %s of %d×%d with stride %d needs %d values, has %d", what, rows, cols, ld, (rows-1)*ld+cols, len(s)))
+		}
+	}
+	need("A", a, ar, ac, lda)
+	need("B", b, br, bc, ldb)
+	need("C", c, m, n, ldc)
+}
+
+func (g *Native) gemm(threads int, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	checkGemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+	if m == 0 || n == 0 {
+		return
+	}
+	if k == 0 || alpha == 0 || (beta != 0 && beta != 1) {
+		scaleC(m, n, beta, c, ldc)
+		if k == 0 || alpha == 0 {
+			return
+		}
+		beta = 1
+	}
+	overwrite := beta == 0
+	kern := g.kern()
+	work := int64(m) * int64(n) * int64(k) // overflows int on 32-bit targets
+	threads = int(max(1, min(int64(threads), work/minWorkPerThread)))
+
+	// One row of op(A) against B: matrix-vector products, no packing.
+	if m == 1 {
+		x := a[:k]
+		var xbuf *gemmBuf
+		if transA && k > 1 {
+			xbuf = g.getBuf()
+			xbuf.x = grow(xbuf.x, k)
+			for p := range k {
+				xbuf.x[p] = a[p*lda]
+			}
+			x = xbuf.x
+		}
+		if transB {
+			parallel(threads, n, 4, func(j0, j1 int) {
+				gemvT(kern, j1-j0, k, alpha, x, b[j0*ldb:], ldb, overwrite, c[j0:j1])
+			})
+		} else {
+			parallel(threads, n, 64, func(j0, j1 int) {
+				gemvN(j1-j0, k, alpha, x, b[j0:], ldb, overwrite, c[j0:j1])
+			})
+		}
+		if xbuf != nil {
+			g.bufs.Put(xbuf)
+		}
+		return
+	}
+
+	g.blocked(threads, kern, transA, transB, m, n, k, alpha, a, lda, b, ldb, overwrite, c, ldc)
+}
+
+// parallel runs f over [0,n) cut into at most threads contiguous ranges
+// whose bounds are multiples of align.
+func parallel(threads, n, align int, f func(lo, hi int)) {
+	units := (n + align - 1) / align
+	threads = min(threads, units)
+	if threads <= 1 {
+		f(0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	lo := 0
+	for t := range threads {
+		hi := min(n, lo+(units*(t+1)/threads-units*t/threads)*align)
+		if t == threads-1 {
+			hi = n
+		}
+		if t == threads-1 {
+			f(lo, hi)
+			break
+		}
+		wg.Add(1)
+		go func(lo, hi int) {
+			defer wg.Done()
+			f(lo, hi)
+		}(lo, hi)
+		lo = hi
+	}
+	wg.Wait()
+}
+
+// scaleC sets C = beta·C, writing zeros (not 0·NaN) when beta is 0.
+func scaleC(m, n int, beta float32, c []float32, ldc int) {
+	for i := range m {
+		row := c[i*ldc : i*ldc+n]
+		if beta == 0 {
+			clear(row)
+			continue
+		}
+		for j := range row {
+			row[j] *= beta
+		}
+	}
+}
+
+// gemvT computes y[j] = alpha·Σ_p x[p]·b[j·ldb+p] (+ y[j] unless
+// overwrite) for j < n.
+func gemvT(kern *gemmKernel, n, k int, alpha float32, x, b []float32, ldb int, overwrite bool, y []float32) {
+	var out [4]float32
+	j := 0
+	for ; j+4 <= n; j += 4 {
+		q := kern.dot4(k, x, b[j*ldb:j*ldb+3*ldb+k], ldb, &out)
+		for r := range 4 {
+			s := out[r]
+			row := b[(j+r)*ldb : (j+r)*ldb+k]
+			for p := q; p < k; p++ {
+				s += x[p] * row[p]
+			}
+			if overwrite {
+				y[j+r] = alpha * s
+			} else {
+				y[j+r] += alpha * s
+			}
+		}
+	}
+	for ; j < n; j++ {
+		row := b[j*ldb : j*ldb+k]
+		var s float32
+		for p, v := range row {
+			s += x[p] * v
+		}
+		if overwrite {
+			y[j] = alpha * s
+		} else {
+			y[j] += alpha * s
+		}
+	}
+}
+
+// gemvN computes y[j] = alpha·Σ_p x[p]·b[p·ldb+j] (+ y[j] unless
+// overwrite) for j < n.
+func gemvN(n, k int, alpha float32, x, b []float32, ldb int, overwrite bool, y []float32) {
+	y = y[:n]
+	if overwrite {
+		clear(y)
+	}
+	for p := range k {
+		axpy(alpha*x[p], b[p*ldb:p*ldb+n], y)
+	}
+}
+
+// axpy computes y += a·x.
+func axpy(a float32, x, y []float32) {
+	y = y[:len(x)]
+	if len(x) > 0 && axpySIMD(a, x, y) {
+		return
+	}
+	for i, v := range x {
+		y[i] += a * v
+	}
+}
+
+// blocked is the cache-blocked product. For each block of B (kc×nc) the
+// goroutines pack a share of its panels each, then each computes a share
+// of C: its own rows (packing its own A) when there are rows enough, else
+// its own columns of B against an A packed together beforehand.
+func (g *Native) blocked(threads int, kern *gemmKernel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, overwrite bool, c []float32, ldc int) {
+	mr, nr := kern.mr, kern.nr
+	kcMax := min(kcBlock, k)
+	ncMax := min(ncBlock, (n+nr-1)/nr*nr)
+	rowPanels := (m + mr - 1) / mr
+	splitRows := threads == 1 || rowPanels >= 4*threads
+	mcMax := min((mcBlock+mr-1)/mr*mr, rowPanels*mr)
+	if !splitRows {
+		mcMax = rowPanels * mr // one shared block of A
+	}
+	bufs := make([]*gemmBuf, threads)
+	for t := range bufs {
+		bufs[t] = g.getBuf()
+		bufs[t].edge = grow(bufs[t].edge, mr*nr)
+		if splitRows || t == 0 {
+			bufs[t].a = grow(bufs[t].a, mcMax*kcMax)
+		}
+	}
+	bufs[0].b = grow(bufs[0].b, ncMax*kcMax)
+	bp, sharedA := bufs[0].b, bufs[0].a
+	for jc := 0; jc < n; jc += ncBlock {
+		nc := min(ncBlock, n-jc)
+		bPanels := (nc + nr - 1) / nr
+		for pc := 0; pc < k; pc += kcBlock {
+			kc := min(kcBlock, k-pc)
+			ow := 0
+			if overwrite && pc == 0 {
+				ow = 1
+			}
+			parallel(threads, bPanels, 1, func(p0, p1 int) {
+				packB(kern, bp, transB, b, ldb, pc, jc, kc, nc, nr, p0*nr, min(nc, p1*nr))
+			})
+			if splitRows {
+				parallelT(threads, rowPanels, func(t, r0, r1 int) {
+					ap := bufs[t].a
+					for ic := r0 * mr; ic < min(m, r1*mr); ic += mcMax {
+						mc := min(mcMax, min(m, r1*mr)-ic)
+						packA(kern, ap, transA, a, lda, ic, pc, mc, kc, mr, 0, mc)
+						macro(kern, kc, mc, nc, 0, nc, alpha, ap, bp, c[ic*ldc+jc:], ldc, ow, bufs[t].edge)
+					}
+				})
+				continue
+			}
+			parallel(threads, rowPanels, 1, func(r0, r1 int) {
+				packA(kern, sharedA, transA, a, lda, 0, pc, m, kc, mr, r0*mr, min(m, r1*mr))
+			})
+			parallelT(threads, bPanels, func(t, p0, p1 int) {
+				macro(kern, kc, m, nc, p0*nr, min(nc, p1*nr), alpha, sharedA, bp, c[jc:], ldc, ow, bufs[t].edge)
+			})
+		}
+	}
+	for _, buf := range bufs {
+		g.bufs.Put(buf)
+	}
+}
+
+// parallelT is parallel with the worker's index, for per-worker buffers.
+func parallelT(threads, n int, f func(t, lo, hi int)) {
+	threads = min(threads, n)
+	if threads <= 1 {
+		f(0, 0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	for t := range threads {
+		lo, hi := n*t/threads, n*(t+1)/threads
+		if t == threads-1 {
+			f(t, lo, hi)
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(t, lo, hi)
+		}()
+	}
+	wg.Wait()
+}
+
+// macro multiplies packed A (mc rows) by the packed B panels of columns
+// j0..j1 (multiples of nr, but j1 may be nc), into C (at its block's corner).
+func macro(kern *gemmKernel, kc, mc, nc, j0, j1 int, alpha float32, ap, bp, c []float32, ldc, ow int, edge []float32) {
+	mr, nr := kern.mr, kern.nr
+	for jr := j0; jr < j1; jr += nr {
+		w := min(nr, nc-jr)
+		bpan := bp[jr*kc : (jr+nr)*kc]
+		for ir := 0; ir < mc; ir += mr {
+			h := min(mr, mc-ir)
+			apan := ap[ir*kc : (ir+mr)*kc]
+			off := ir*ldc + jr
+			if h == mr && w == nr {
+				kern.tile(kc, apan, bpan, c[off:off+(mr-1)*ldc+nr], ldc, alpha, ow)
+				continue
+			}
+			kern.tile(kc, apan, bpan, edge, nr, alpha, 1)
+			for i := range h {
+				dst := c[off+i*ldc : off+i*ldc+w]
+				src := edge[i*nr : i*nr+w]
+				if ow != 0 {
+					copy(dst, src)
+				} else {
+					for j, v := range src {
+						dst[j] += v
+					}
+				}
+			}
+		}
+	}
+}
+
+// packB writes op(B)[pc:pc+kc, jc:jc+nc] as panels of nr columns, each kc
+// steps of nr values, zero-padding the last panel; only the panels of
+// columns j0..j1 of the block (j0 a multiple of nr).
+func packB(kern *gemmKernel, dst []float32, transB bool, b []float32, ldb, pc, jc, kc, nc, nr, j0, j1 int) {
+	for jr := j0; jr < j1; jr += nr {
+		w := min(nr, nc-jr)
+		pan := dst[jr*kc : jr*kc+kc*nr]
+		if transB {
+			for j := 0; j < w; j += 16 {
+				kern.interleave(kc, b[(jc+jr+j)*ldb+pc:], ldb, min(16, w-j), pan[j:], nr)
+			}
+		} else {
+			for p := range kc {
+				copy(pan[p*nr:p*nr+w], b[(pc+p)*ldb+jc+jr:(pc+p)*ldb+jc+jr+w])
+			}
+		}
+		if w < nr {
+			for p := range kc {
+				clear(pan[p*nr+w : p*nr+nr])
+			}
+		}
+	}
+}
+
+// packA writes op(A)[ic:ic+mc, pc:pc+kc] as panels of mr rows, each kc
+// steps of mr values, zero-padding the last panel; only the panels of rows
+// i0..i1 of the block (i0 a multiple of mr).
+func packA(kern *gemmKernel, dst []float32, transA bool, a []float32, lda, ic, pc, mc, kc, mr, i0, i1 int) {
+	for ir := i0; ir < i1; ir += mr {
+		h := min(mr, mc-ir)
+		pan := dst[ir*kc : ir*kc+kc*mr]
+		if transA {
+			for p := range kc {
+				copy(pan[p*mr:p*mr+h], a[(pc+p)*lda+ic+ir:(pc+p)*lda+ic+ir+h])
+			}
+		} else {
+			for i := 0; i < h; i += 16 {
+				kern.interleave(kc, a[(ic+ir+i)*lda+pc:], lda, min(16, h-i), pan[i:], mr)
+			}
+		}
+		if h < mr {
+			for p := range kc {
+				clear(pan[p*mr+h : p*mr+mr])
+			}
+		}
+	}
+}
