@@ -15,7 +15,7 @@ import (
 // calibration set.
 func CalibrationSequences(ids []int, tokens, seqLen int, seed uint64) ([][]int, error) {
 	if seqLen <= 1 {
-		return nil, fmt.Errorf("calibration sequence length %d must be at least 2", seqLen)
+		return nil, fmt.Errorf("--calib-seq %d must be at least 2", seqLen)
 	}
 	if tokens < seqLen {
 		return nil, fmt.Errorf("--calib-tokens %d is less than one sequence of %d", tokens, seqLen)

@@ -14,15 +14,17 @@ import (
 
 // sideFiles are copied from the source next to the converted weights:
 // tokenizers and generation settings do not change.
-var sideFiles = []string{
-	"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-	"tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+func sideFiles() []string {
+	return []string{
+		"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+		"tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+	}
 }
 
 // copySideFiles copies the present sideFiles from src to dst.
 func copySideFiles(src, dst string) ([]string, error) {
 	var copied []string
-	for _, name := range sideFiles {
+	for _, name := range sideFiles() {
 		in, err := os.Open(filepath.Join(src, name))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

@@ -20,6 +20,9 @@ type layerPlan struct {
 	// moment is E[x̃ x̃ᵀ] of the attention input x̃ = [x; 1], (D+1)², or nil
 	// for the data-free identity.
 	moment []float64
+	// queryMoments caches E[q_h q_hᵀ] per query head, used by both the
+	// RoPE decoupling and the attention weighting.
+	queryMoments []*mat.Dense
 }
 
 // layerResult is one converted layer with its diagnostics.
@@ -61,6 +64,18 @@ func secondMoment(w *mat.Dense, moment []float64) *mat.Dense {
 	return out
 }
 
+// queryMoment is E[q_h q_hᵀ] (d×d) of query head h.
+func (p *layerPlan) queryMoment(wq *mat.Dense, h int) *mat.Dense {
+	d := p.src.HeadDim
+	if p.queryMoments == nil {
+		p.queryMoments = make([]*mat.Dense, p.src.NumHeads)
+	}
+	if p.queryMoments[h] == nil {
+		p.queryMoments[h] = secondMoment(wq.Slice(h*d, (h+1)*d, 0, p.src.HiddenSize+1).(*mat.Dense), p.moment)
+	}
+	return p.queryMoments[h]
+}
+
 // moments collects the key moment and the per-KV-head query moments that
 // the RoPE decoupling ranks components by.
 func (p *layerPlan) moments(wq, wk *mat.Dense) rope.Moments {
@@ -70,7 +85,7 @@ func (p *layerPlan) moments(wq, wk *mat.Dense) rope.Moments {
 	q := make([]float64, cfg.NumKVHeads*d*d)
 	for h := range cfg.NumHeads {
 		g := h / group
-		qh := secondMoment(wq.Slice(h*d, (h+1)*d, 0, cfg.HiddenSize+1).(*mat.Dense), p.moment)
+		qh := p.queryMoment(wq, h)
 		blk := q[g*d*d : (g+1)*d*d]
 		for i := range d {
 			for j := range d {
@@ -87,10 +102,9 @@ func (p *layerPlan) decouple(wq, wk *mat.Dense) (*rope.Decoupling, error) {
 		return rope.Exact(p.src.Rope, p.src.NumKVHeads)
 	}
 	return rope.Decouple(p.src.Rope, p.src.NumKVHeads, rope.Options{
-		Method:      p.opts.RopeMethod,
-		RopeDim:     p.opts.RopeDim,
-		FreqFold:    p.opts.FreqFold,
-		QueryWeight: p.opts.QueryWeight,
+		Method:   p.opts.RopeMethod,
+		RopeDim:  p.opts.RopeDim,
+		FreqFold: p.opts.FreqFold,
 	}, p.moments(wq, wk))
 }
 
@@ -152,7 +166,7 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 	dc := fac.Rank
 	var normWeight []float32
 	if p.dst.MLA.KVANorm {
-		normWeight = p.shrinkLatent(fac, D)
+		normWeight = p.shrinkLatent(fac, D, l.AttnNorm)
 	}
 
 	mla := &model.MLALayer{}
@@ -164,7 +178,8 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 	for i := range dr {
 		toFloat32(mla.KVA.W[(dc+i)*D:(dc+i+1)*D], kRope.RawRowView(i)[:D])
 	}
-	if p.dst.MLA.KVABias {
+	// Stock exports have no biases; they are built here and folded below.
+	if src.QKVBias {
 		mla.KVA.B = make([]float32, dc+dr)
 		toFloat32(mla.KVA.B[:dc], fac.DownBias)
 		for i := range dr {
@@ -197,7 +212,7 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 	// softmax scale.
 	s := src.AttentionScale() / p.dst.AttentionScale()
 	mla.Q.W = make([]float32, H*(d+dr)*D)
-	if p.dst.MLA.QBias {
+	if src.QKVBias {
 		mla.Q.B = make([]float32, H*(d+dr))
 	}
 	for h := range H {
@@ -223,8 +238,11 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 		}
 	}
 	mla.KVANorm = normWeight
-	if p.opts.Format == FormatStock && src.QKVBias {
-		foldBiases(mla, p.moment, D)
+	if !p.dst.MLA.QBias {
+		foldBias(&mla.Q, p.moment, D)
+	}
+	if !p.dst.MLA.KVABias {
+		foldBias(&mla.KVA, p.moment, D)
 	}
 	return &layerResult{mla: mla, retained: fac.Retained, ropeInvFreq: dec.InvFreq}, nil
 }
@@ -252,6 +270,9 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 			} else {
 				ev += c.At(i, i)
 			}
+		}
+		if !(ek > 0) {
+			return nil, nil
 		}
 		alpha2 := ev / ek * float64(np) / float64(rows-np)
 		a := make([]float64, rows*rows)
@@ -282,7 +303,7 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 		for h := range H {
 			g := h / group
 			if np > 0 {
-				qh := secondMoment(wq.Slice(h*d, (h+1)*d, 0, D+1).(*mat.Dense), p.moment)
+				qh := p.queryMoment(wq, h)
 				ng := nope.Slice(0, np, g*d, (g+1)*d)
 				var t, u mat.Dense
 				t.Mul(ng, qh)
@@ -325,7 +346,7 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 		}
 		return a.RawMatrix().Data, nil
 	default:
-		return nil, fmt.Errorf("unknown latent weighting %q (known: %v)", p.opts.Weighting, Weightings)
+		return nil, fmt.Errorf("unknown latent weighting %q (known: %v)", p.opts.Weighting, Weightings())
 	}
 }
 
@@ -339,11 +360,26 @@ const normHeadroom = 1e-5
 // mean square, so the norm becomes a constant factor that the norm weight
 // undoes: the stock export computes the exact function up to that residue.
 // It returns the norm weight.
-func (p *layerPlan) shrinkLatent(f *svd.Factors, in int) []float32 {
+//
+// Without calibration data the attention input's second moment is taken
+// as diag(γ²), γ the input RMSNorm's weight: the normed residual has unit
+// mean square per dim before γ scales it.
+func (p *layerPlan) shrinkLatent(f *svd.Factors, in int, gamma []float32) []float32 {
+	moment := p.moment
+	if moment == nil {
+		moment = make([]float64, (in+1)*(in+1))
+		for i, g := range gamma {
+			moment[i*(in+1)+i] = float64(g) * float64(g)
+		}
+		moment[in*(in+1)+in] = 1
+	}
 	var ms float64 // E[mean_i c_i²]
 	for i := range f.Rank {
 		row := append(slices.Clone(f.Down[i*in:(i+1)*in]), f.DownBias[i])
-		ms += quadForm(row, p.moment) / float64(f.Rank)
+		ms += quadForm(row, moment) / float64(f.Rank)
+	}
+	if !(ms > 0) {
+		ms = 1 // a zero latent: any scale is exact
 	}
 	eps := p.dst.RMSNormEps
 	alpha := math.Sqrt(normHeadroom * eps / ms)
@@ -360,15 +396,9 @@ func (p *layerPlan) shrinkLatent(f *svd.Factors, in int) []float32 {
 	return w
 }
 
-// quadForm is xᵀ S x, with S the identity when nil.
+// quadForm is xᵀ S x.
 func quadForm(x, s []float64) float64 {
 	var e float64
-	if s == nil {
-		for _, v := range x {
-			e += v * v
-		}
-		return e
-	}
 	n := len(x)
 	for a, va := range x {
 		if va == 0 {
@@ -382,11 +412,14 @@ func quadForm(x, s []float64) float64 {
 	return e
 }
 
-// foldBiases removes q_proj's and kv_a_proj's biases, which stock loaders
-// lack, by folding each into its weight through the best linear stand-in
-// for the constant 1 on the calibration inputs (1 ≈ βᵀx, β = E[xxᵀ]⁻¹E[x]).
-// Without calibration data there is no stand-in and the biases are dropped.
-func foldBiases(mla *model.MLALayer, moment []float64, in int) {
+// foldBias removes l's bias, which stock loaders lack, by folding it into
+// the weight through the best linear stand-in for the constant 1 on the
+// calibration inputs (1 ≈ βᵀx, β = E[xxᵀ]⁻¹E[x]). Without calibration data
+// there is no stand-in and the bias is dropped.
+func foldBias(l *model.Linear, moment []float64, in int) {
+	if l.B == nil {
+		return
+	}
 	var beta []float64
 	if moment != nil {
 		sxx := mat.NewSymDense(in, nil)
@@ -410,22 +443,15 @@ func foldBiases(mla *model.MLALayer, moment []float64, in int) {
 			}
 		}
 	}
-	fold := func(l *model.Linear) {
-		if l.B == nil {
-			return
-		}
-		if beta != nil {
-			for i, b := range l.B {
-				row := l.W[i*in : (i+1)*in]
-				for j := range row {
-					row[j] += float32(float64(b) * beta[j])
-				}
+	if beta != nil {
+		for i, b := range l.B {
+			row := l.W[i*in : (i+1)*in]
+			for j := range row {
+				row[j] += float32(float64(b) * beta[j])
 			}
 		}
-		l.B = nil
 	}
-	fold(&mla.Q)
-	fold(&mla.KVA)
+	l.B = nil
 }
 
 // identityLatent is the unfactored latent: Down = [W b], Up = I.

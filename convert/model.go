@@ -10,6 +10,7 @@ import (
 
 // LayerReport describes one converted layer.
 type LayerReport struct {
+	// Layer is the layer's index.
 	Layer int `json:"layer"`
 	// Retained is the fraction of the (weighted) K_nope/V energy that the
 	// latent keeps.
@@ -21,12 +22,15 @@ type LayerReport struct {
 // (D+1)², or nil for a data-free conversion. The returned layer shares the
 // MLP and norms of l.
 func ConvertLayer(src, dst model.Config, opts Options, l *model.Layer, moment []float64) (*model.Layer, LayerReport, error) {
+	if n := src.HiddenSize + 1; moment != nil && len(moment) != n*n {
+		return nil, LayerReport{}, fmt.Errorf("attention-input moment has %d values, want %d×%d", len(moment), n, n)
+	}
 	p := &layerPlan{src: src, dst: dst, opts: opts, moment: moment}
 	res, err := p.convertLayer(l)
 	if err != nil {
 		return nil, LayerReport{}, err
 	}
-	if err := checkFreqs(dst, res.ropeInvFreq); err != nil {
+	if err := checkFreqs(src, dst, res.ropeInvFreq); err != nil {
 		return nil, LayerReport{}, err
 	}
 	out := *l
@@ -35,24 +39,32 @@ func ConvertLayer(src, dst model.Config, opts Options, l *model.Layer, moment []
 	return &out, LayerReport{Retained: res.retained}, nil
 }
 
-// checkFreqs makes sure the decoupling's frequencies are the ones the
-// target config makes loaders compute (or, for the exact anchor, the ones
-// it carries in memory).
-func checkFreqs(dst model.Config, got []float64) error {
+// checkFreqs makes sure that the frequencies loaders compute from the
+// target config (or, for the exact anchor, the ones it carries in memory)
+// are the decoupling's, and that each is the source frequency its slot
+// stands for: pair i of a rope-dim RoPE must rotate like source pair i·c.
+func checkFreqs(src, dst model.Config, got []float64) error {
 	want := dst.MLA.RopeInvFreq
+	srcFreq, _, err := src.Rope.InvFreq()
+	if err != nil {
+		return fmt.Errorf("source rope: %w", err)
+	}
 	if want == nil {
-		var err error
-		want, _, err = dst.Rope.InvFreq()
-		if err != nil {
-			return err
+		if want, _, err = dst.Rope.InvFreq(); err != nil {
+			return fmt.Errorf("target rope: %w", err)
 		}
 	}
 	if len(want) != len(got) {
 		return fmt.Errorf("rope: %d frequencies, want %d", len(got), len(want))
 	}
+	c := max(1, len(srcFreq)/len(want))
 	for i := range want {
-		if math.Abs(got[i]-want[i]) > 1e-9*math.Abs(want[i]) {
+		near := func(a, b float64) bool { return math.Abs(a-b) <= 1e-9*math.Abs(b) }
+		if !near(got[i], want[i]) {
 			return fmt.Errorf("rope: pair %d rotates at %v, loaders would use %v", i, got[i], want[i])
+		}
+		if dst.MLA.RopeInvFreq == nil && !near(want[i], srcFreq[i*c]) {
+			return fmt.Errorf("rope: the converted pair %d would rotate at %v, its source frequency is %v (rope_scaling %q)", i, want[i], srcFreq[i*c], src.Rope.Scaling.Type)
 		}
 	}
 	return nil
@@ -69,7 +81,7 @@ func ConvertModel(ctx context.Context, src *model.Model, opts Options, moments [
 	if opts.ExactRoPE {
 		inv, _, err := src.Config.Rope.InvFreq()
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, fmt.Errorf("source rope: %w", err)
 		}
 		for range src.Config.NumKVHeads {
 			dst.MLA.RopeInvFreq = append(dst.MLA.RopeInvFreq, inv...)
@@ -77,6 +89,9 @@ func ConvertModel(ctx context.Context, src *model.Model, opts Options, moments [
 	}
 	out := *src
 	out.Config = dst
+	if moments != nil && len(moments) != len(src.Layers) {
+		return nil, nil, fmt.Errorf("%d layer moments for %d layers", len(moments), len(src.Layers))
+	}
 	out.Layers = make([]model.Layer, len(src.Layers))
 	reports := make([]LayerReport, len(src.Layers))
 	for i := range src.Layers {

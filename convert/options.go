@@ -7,6 +7,7 @@ package convert
 
 import (
 	"fmt"
+	"math"
 	"slices"
 
 	"github.com/transmla/transmla/model"
@@ -24,14 +25,14 @@ const (
 )
 
 // Formats lists the output formats.
-var Formats = []string{FormatExact, FormatStock}
+func Formats() []string { return []string{FormatExact, FormatStock} }
 
 // Error weightings of the joint latent.
 const (
 	// WeightNone is plain PCA (calibrated) or SVD (data-free) of [K_nope; V].
 	WeightNone = "none"
-	// WeightBalanced scales the key rows so keys and values carry equal
-	// energy first (TransMLA's balanced KV).
+	// WeightBalanced scales the key rows so that a key dim carries as much
+	// energy as a value dim on average (TransMLA's balanced KV).
 	WeightBalanced = "bkv"
 	// WeightAttention weights the key error by the queries that read it and
 	// the value error by o_proj, what attention actually sees.
@@ -39,7 +40,7 @@ const (
 )
 
 // Weightings lists the error weightings.
-var Weightings = []string{WeightNone, WeightBalanced, WeightAttention}
+func Weightings() []string { return []string{WeightNone, WeightBalanced, WeightAttention} }
 
 // Options controls a conversion.
 type Options struct {
@@ -47,23 +48,21 @@ type Options struct {
 	Rank int
 	// RopeDim is d_r, the decoupled RoPE key width (qk_rope_head_dim).
 	RopeDim int
-	// RopeMethod is one of rope.Methods.
+	// RopeMethod is one of rope.Methods().
 	RopeMethod string
 	// FreqFold is RoRoPE's band of frequencies rotated together; 0 is the
 	// smallest (head_dim/rope_dim).
 	FreqFold int
-	// QueryWeight mixes query moments into RoRoPE's components (0 = keys only).
-	QueryWeight float64
 	// NopeSpan, when positive, scales each position-free key component by
 	// the mean of cos(ωΔ) over distances Δ in [0, NopeSpan]: the rotation
 	// it lost, averaged.
 	NopeSpan float64
-	// Weighting is one of Weightings.
+	// Weighting is one of Weightings().
 	Weighting string
 	// ValueWeight tilts the attention weighting towards values (>1) or
-	// keys (<1); 0 means 1.
+	// keys (<1); the zero value means 1.
 	ValueWeight float64
-	// Format is one of Formats.
+	// Format is one of Formats(); "" means FormatExact.
 	Format string
 	// ExactRoPE keeps RoPE on every key dim at its own frequency (the
 	// exactness anchor); such a model is evaluated in memory only.
@@ -77,6 +76,28 @@ type Options struct {
 // DefaultNopeSpan is the --nope-span measured best on the shared Llama and
 // Qwen2 models (8 beat 0, 4, 16, 32, 128 and 1024).
 const DefaultNopeSpan = 8
+
+// DefaultRopeDim is the --rope-dim default: 64, DeepSeek-V3's, or the
+// largest even divisor of head_dim below it.
+func DefaultRopeDim(headDim int) int {
+	for r := min(64, headDim); r >= 2; r-- {
+		if r%2 == 0 && headDim%r == 0 {
+			return r
+		}
+	}
+	return 0
+}
+
+// DefaultOptions are convert's defaults for a source with cfg at latent
+// width rank: RoRoPE with FreqFold auto, the measured nope span, the
+// attention-aware weighting, the exact format.
+func DefaultOptions(cfg model.Config, rank int) Options {
+	dr := DefaultRopeDim(cfg.HeadDim)
+	return Options{
+		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg.HeadDim, dr),
+		NopeSpan: DefaultNopeSpan, Weighting: WeightAttention, ValueWeight: 1, Format: FormatExact,
+	}
+}
 
 // AutoFreqFold is the FreqFold that --freqfold auto picks: two RoPE slots'
 // worth of frequencies (2·head_dim/rope_dim) where that divides head_dim/2,
@@ -114,6 +135,12 @@ func (o Options) Validate(cfg model.Config) error {
 	if cfg.Rope.Dim != cfg.HeadDim {
 		return fmt.Errorf("the model rotates %d of %d head dims (partial_rotary_factor); only full-RoPE sources are supported", cfg.Rope.Dim, cfg.HeadDim)
 	}
+	// YaRN rounds its ramp in index units and scales cos/sin, so a
+	// rope-dim RoPE would neither rotate at the source's frequencies nor
+	// leave the position-free scores unscaled.
+	if cfg.Rope.Scaling.Type == "yarn" {
+		return fmt.Errorf("rope_scaling yarn is not supported by convert (default, linear and llama3 are)")
+	}
 	if o.ExactRoPE {
 		if o.Format != "" && o.Format != FormatExact {
 			return fmt.Errorf("the exact-RoPE anchor cannot be written as %s", o.Format)
@@ -128,8 +155,8 @@ func (o Options) Validate(cfg model.Config) error {
 		case d%o.RopeDim != 0:
 			return fmt.Errorf("--rope-dim %d must divide head_dim %d (DeepSeek's RoPE frequencies must be a subset of the source's)", o.RopeDim, d)
 		}
-		if !slices.Contains(rope.Methods, o.RopeMethod) {
-			return fmt.Errorf("--rope-select %q is not one of %v", o.RopeMethod, rope.Methods)
+		if !slices.Contains(rope.Methods(), o.RopeMethod) {
+			return fmt.Errorf("--rope-select %q is not one of %v", o.RopeMethod, rope.Methods())
 		}
 		if o.FreqFold != 0 {
 			c := d / o.RopeDim
@@ -147,17 +174,23 @@ func (o Options) Validate(cfg model.Config) error {
 	if o.Rank <= 0 {
 		return fmt.Errorf("--dc %d must be positive", o.Rank)
 	}
-	if !slices.Contains(Weightings, o.Weighting) {
-		return fmt.Errorf("--weighting %q is not one of %v", o.Weighting, Weightings)
+	if !slices.Contains(Weightings(), o.Weighting) {
+		return fmt.Errorf("--weighting %q is not one of %v", o.Weighting, Weightings())
 	}
-	if o.ValueWeight < 0 {
-		return fmt.Errorf("--value-weight %v must not be negative", o.ValueWeight)
+	if o.ValueWeight < 0 || math.IsNaN(o.ValueWeight) || math.IsInf(o.ValueWeight, 0) {
+		return fmt.Errorf("--value-weight %v must be positive and finite", o.ValueWeight)
 	}
-	if o.Format != "" && !slices.Contains(Formats, o.Format) {
-		return fmt.Errorf("--format %q is not one of %v", o.Format, Formats)
+	if o.Format != "" && !slices.Contains(Formats(), o.Format) {
+		return fmt.Errorf("--format %q is not one of %v", o.Format, Formats())
+	}
+	if o.NopeSpan < 0 || math.IsNaN(o.NopeSpan) || math.IsInf(o.NopeSpan, 0) {
+		return fmt.Errorf("--nope-span %v must be zero or positive and finite", o.NopeSpan)
 	}
 	return nil
 }
+
+// stockNormEps is rms_norm_eps in stock exports.
+const stockNormEps = 1e-6
 
 func gqaArchitectures() []string {
 	return slices.DeleteFunc(model.Supported(), func(s string) bool { return s == "DeepseekV3ForCausalLM" })
@@ -172,6 +205,12 @@ func TargetConfig(src model.Config, o Options) model.Config {
 		dr = src.NumKVHeads * src.HeadDim
 	}
 	stock := o.Format == FormatStock
+	if stock {
+		// transformers builds kv_a_layernorm with its default epsilon 1e-6
+		// whatever the config says, vLLM and SGLang with rms_norm_eps: the
+		// latent shrink needs one value, and the other norms barely notice.
+		dst.RMSNormEps = stockNormEps
+	}
 	dst.MLA = &model.MLAConfig{
 		KVLoraRank:     min(o.Rank, LosslessRank(src, dr)),
 		QKRopeHeadDim:  dr,

@@ -10,11 +10,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/transmla/transmla/eval"
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
+	ropepkg "github.com/transmla/transmla/rope"
 	"github.com/transmla/transmla/safetensors"
 	"github.com/transmla/transmla/tokenizer"
 )
@@ -54,39 +56,56 @@ type Job struct {
 	Progress func(Event)
 }
 
-// Event reports progress: stage of layer Layer (of Layers).
+// Event reports progress.
 type Event struct {
-	Stage         string
+	// Stage is one of the Stage constants.
+	Stage string
+	// Layer is the layer index the stage works on, of Layers in all.
 	Layer, Layers int
 }
 
-// Progress stages.
+// Progress stages of a layer, in order.
 const (
+	// StageCalibrate runs the source layer on the calibration states.
 	StageCalibrate = "calibrate"
-	StageConvert   = "convert"
-	StageWrite     = "write"
+	// StageConvert decouples RoPE and factors the latent.
+	StageConvert = "convert"
+	// StageWrite writes the converted layer's tensors.
+	StageWrite = "write"
 )
 
 // Summary is what a conversion did.
 type Summary struct {
-	Source  string `json:"source"`
-	Output  string `json:"output"`
-	Format  string `json:"format"`
-	DType   string `json:"dtype"`
-	Rank    int    `json:"kv_lora_rank"`
-	RopeDim int    `json:"qk_rope_head_dim"`
-	Method  string `json:"method"`
-	// CalibrationSHA256 identifies the calibration text ("" when data-free).
+	// Source and Output are the checkpoint directories.
+	Source string `json:"source"`
+	Output string `json:"output"`
+	// Format is the export format, DType the stored dtype.
+	Format string `json:"format"`
+	DType  string `json:"dtype"`
+	// Rank and RopeDim are kv_lora_rank and qk_rope_head_dim.
+	Rank    int `json:"kv_lora_rank"`
+	RopeDim int `json:"qk_rope_head_dim"`
+	// Method describes the options in one line (also in the metadata).
+	Method string `json:"method"`
+	// CalibrationSHA256 identifies the calibration text ("" when data-free)
+	// and CalibrationTokens counts the tokens run through the model.
 	CalibrationSHA256 string `json:"calibration_sha256,omitempty"`
 	CalibrationTokens int    `json:"calibration_tokens,omitempty"`
-	// Cache per token over all layers, before and after.
-	CacheValuesBefore int           `json:"cache_values_per_token_before"`
-	CacheValuesAfter  int           `json:"cache_values_per_token_after"`
-	CacheBytesBefore  int64         `json:"cache_bytes_per_token_before"`
-	CacheBytesAfter   int64         `json:"cache_bytes_per_token_after"`
-	Reduction         float64       `json:"cache_reduction"`
-	Seconds           float64       `json:"seconds"`
-	Layers            []LayerReport `json:"layers"`
+	// The KV cache per token over all layers, before and after, in values
+	// and in bytes of DType, and the fraction saved.
+	CacheValuesBefore int     `json:"cache_values_per_token_before"`
+	CacheValuesAfter  int     `json:"cache_values_per_token_after"`
+	CacheBytesBefore  int64   `json:"cache_bytes_per_token_before"`
+	CacheBytesAfter   int64   `json:"cache_bytes_per_token_after"`
+	Reduction         float64 `json:"cache_reduction"`
+	// Seconds is the wall time of the whole conversion.
+	Seconds float64 `json:"seconds"`
+	// Copied lists the tokenizer and generation files copied from the source.
+	Copied []string `json:"copied_files"`
+	// Notes are approximations the user should know of.
+	Notes []string `json:"notes,omitempty"`
+	// Layers reports each layer.
+	Layers []LayerReport `json:"layers"`
 }
 
 // Method describes the options in one line, as recorded in the metadata.
@@ -96,7 +115,7 @@ func (o Options) Method(calibrated bool) string {
 		latent = "pca"
 	}
 	rope := o.RopeMethod
-	if rope == "rorope" {
+	if rope == ropepkg.MethodRoRoPE {
 		rope = fmt.Sprintf("rorope(freqfold=%d)", o.FreqFold)
 	}
 	if o.NopeSpan > 0 {
@@ -135,9 +154,14 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	dt := reader.StorageDType()
 	if job.DType != "" {
 		var ok bool
-		if dt, ok = dtypes[job.DType]; !ok {
+		if dt, ok = parseDType(job.DType); !ok {
 			return nil, fmt.Errorf("--dtype %q is not one of bf16, f16, f32", job.DType)
 		}
+	}
+	if opts.Format == FormatStock && dt == safetensors.F16 {
+		// The stock latent is scaled far below 1 (see shrinkLatent); its
+		// weights would underflow f16's range.
+		return nil, errors.New("--format deepseek-v3-stock cannot be stored as f16 (its scaled-down latent weights underflow); use --dtype bf16 or f32")
 	}
 	if err := checkOutput(job.Source, job.Output, job.Force); err != nil {
 		return nil, err
@@ -153,6 +177,13 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 		CacheValuesBefore: src.KVCacheValuesPerToken(), CacheValuesAfter: dst.KVCacheValuesPerToken(),
 		CacheBytesBefore: src.KVCacheBytesPerToken(dt), CacheBytesAfter: dst.KVCacheBytesPerToken(dt)}
 	sum.Reduction = 1 - float64(sum.CacheValuesAfter)/float64(sum.CacheValuesBefore)
+	if opts.Format == FormatStock && src.QKVBias {
+		how := "folded into the weights through a linear stand-in for the constant 1 on the calibration inputs"
+		if job.Calibration == nil {
+			how = "dropped (no calibration data to fold them with)"
+		}
+		sum.Notes = append(sum.Notes, "the source's q/k/v biases have no place in the stock layout: "+how+"; the exact format keeps them")
+	}
 	if c := job.Calibration; c != nil {
 		hash, err := st.prepareCalibration(c)
 		if err != nil {
@@ -212,7 +243,7 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	if err := os.WriteFile(filepath.Join(tmp, "config.json"), cfgJSON, 0o644); err != nil {
 		return nil, fmt.Errorf("write config.json: %w", err)
 	}
-	if _, err := copySideFiles(job.Source, tmp); err != nil {
+	if sum.Copied, err = copySideFiles(job.Source, tmp); err != nil {
 		return nil, err
 	}
 	// MkdirTemp creates 0700; the result is an ordinary directory.
@@ -235,8 +266,8 @@ func checkOutput(source, output string, force bool) error {
 	}
 	a, _ := filepath.Abs(source)
 	b, _ := filepath.Abs(output)
-	if a == b {
-		return fmt.Errorf("output %s is the source checkpoint; convert never modifies its input", output)
+	if a == b || within(a, b) || within(b, a) {
+		return fmt.Errorf("output %s is, contains or lies inside the source %s; convert never modifies its input", output, source)
 	}
 	if _, err := os.Stat(output); err == nil && !force {
 		return fmt.Errorf("output %s exists; pass --force to replace it", output)
@@ -244,6 +275,12 @@ func checkOutput(source, output string, force bool) error {
 		return fmt.Errorf("output %s: %w", output, err)
 	}
 	return nil
+}
+
+// within reports whether path lies inside dir.
+func within(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
 }
 
 // commitDir moves the finished temporary directory into place; an existing
@@ -261,7 +298,9 @@ func commitDir(tmp, output string, force bool) error {
 	}
 	if err := os.Rename(tmp, output); err != nil {
 		if old != "" {
-			os.Rename(old, output)
+			if rerr := os.Rename(old, output); rerr != nil {
+				return fmt.Errorf("move the result into %s: %w; the previous output is kept as %s (restoring it failed: %v)", output, err, old, rerr)
+			}
 		}
 		return fmt.Errorf("move the result into %s: %w", output, err)
 	}
@@ -304,14 +343,14 @@ func (s *stream) prepareCalibration(c *Calibration) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("calibration needs the source's tokenizer: %w", err)
 	}
-	ids := tok.Encode(string(text), false)
+	// Encoded as eval encodes text, special tokens included.
+	ids := tok.Encode(string(text), true)
 	s.seqs, err = CalibrationSequences(ids, c.Tokens, c.SeqLen, c.Seed)
 	if err != nil {
 		return "", fmt.Errorf("calibration file %s: %w", c.File, err)
 	}
-	s.runner, err = eval.NewLayerRunner(s.src, s.be, c.SeqLen)
-	if err != nil {
-		return "", err
+	if s.runner, err = eval.NewLayerRunner(s.src, s.be, c.SeqLen); err != nil {
+		return "", fmt.Errorf("calibration: %w", err)
 	}
 	return hex.EncodeToString(sum[:]), nil
 }
@@ -413,11 +452,22 @@ func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 	return out, nil
 }
 
-var dtypes = map[string]safetensors.DType{"bf16": safetensors.BF16, "f16": safetensors.F16, "f32": safetensors.F32}
+// parseDType maps --dtype's names to dtypes.
+func parseDType(name string) (safetensors.DType, bool) {
+	switch name {
+	case "bf16":
+		return safetensors.BF16, true
+	case "f16":
+		return safetensors.F16, true
+	case "f32":
+		return safetensors.F32, true
+	}
+	return 0, false
+}
 
 func dtypeName(dt safetensors.DType) string {
-	for name, d := range dtypes {
-		if d == dt {
+	for _, name := range []string{"bf16", "f16", "f32"} {
+		if d, _ := parseDType(name); d == dt {
 			return name
 		}
 	}

@@ -27,7 +27,9 @@ const (
 )
 
 // Methods lists the decoupling methods.
-var Methods = []string{MethodRoRoPE, Method2Norm, MethodHigh, MethodUniform}
+func Methods() []string {
+	return []string{MethodRoRoPE, Method2Norm, MethodHigh, MethodUniform}
+}
 
 // Decoupling is an orthogonal change of basis of one layer's key space (the
 // KVHeads·HeadDim pre-RoPE key dims of all KV heads, each head in the
@@ -70,7 +72,7 @@ type Moments struct {
 
 // Options selects the decoupling.
 type Options struct {
-	// Method is one of Methods; "" means MethodRoRoPE.
+	// Method is one of Methods(); "" means MethodRoRoPE.
 	Method string
 	// RopeDim is d_r: even, at most HeadDim and dividing it.
 	RopeDim int
@@ -78,9 +80,6 @@ type Options struct {
 	// rotated together (RoRoPE only): a multiple of HeadDim/RopeDim dividing
 	// HeadDim/2; 0 means HeadDim/RopeDim, the smallest.
 	FreqFold int
-	// QueryWeight mixes the query moments into RoRoPE's principal
-	// components: 0 is TransMLA's key-only PCA.
-	QueryWeight float64
 }
 
 // Decouple chooses the RoPE rows of a layer whose heads rotate with source
@@ -119,16 +118,18 @@ func Decouple(source Params, kvHeads int, opts Options, m Moments) (*Decoupling,
 		if fold%c != 0 || (d/2)%fold != 0 {
 			return nil, fmt.Errorf("freqfold %d must be a multiple of head_dim/rope_dim = %d and divide head_dim/2 = %d", fold, c, d/2)
 		}
-		if err := b.rorope(m, fold, fold/c, opts.QueryWeight); err != nil {
+		if err := b.rorope(m, fold, fold/c); err != nil {
 			return nil, err
 		}
 	case Method2Norm, MethodHigh, MethodUniform:
 		if opts.FreqFold != 0 {
 			return nil, fmt.Errorf("freqfold applies to %s only, not %s", MethodRoRoPE, method)
 		}
-		b.partial(m, c, method)
+		if err := b.partial(m, c, method); err != nil {
+			return nil, err
+		}
 	default:
-		return nil, fmt.Errorf("unknown rope method %q (known: %v)", method, Methods)
+		return nil, fmt.Errorf("unknown rope method %q (known: %v)", method, Methods())
 	}
 	return b.finish(), nil
 }
@@ -196,7 +197,7 @@ func (b *builder) pairMoment(mom []float64, stride int, pairs [][2]int, offset f
 
 // rorope runs the per-band PCA: bands of fold frequencies, keep components
 // per band.
-func (b *builder) rorope(m Moments, fold, keep int, queryWeight float64) error {
+func (b *builder) rorope(m Moments, fold, keep int) error {
 	d, keyDim := b.d, b.kvHeads*b.d
 	for start := 0; start < d/2; start += fold {
 		var pairs [][2]int
@@ -206,15 +207,6 @@ func (b *builder) rorope(m Moments, fold, keep int, queryWeight float64) error {
 			}
 		}
 		mk := b.pairMoment(m.Key, keyDim, pairs, func(g int) int { return g * d })
-		if queryWeight > 0 {
-			mq := b.queryMoment(m.Query, pairs)
-			tk, tq := mat.Trace(mk), mat.Trace(mq)
-			if tk > 0 && tq > 0 {
-				mixed := mat.NewSymDense(len(pairs), nil)
-				mixed.AddSym(scaledSym(mk, 1/tk), scaledSym(mq, queryWeight/tq))
-				mk = mixed
-			}
-		}
 		var eig mat.EigenSym
 		if !eig.Factorize(mk, true) {
 			return fmt.Errorf("rope: eigendecomposition failed for frequencies %d..%d", start, start+fold-1)
@@ -248,30 +240,6 @@ func (b *builder) rorope(m Moments, fold, keep int, queryWeight float64) error {
 	return nil
 }
 
-// queryMoment is the query counterpart of pairMoment: the query heads of
-// KV head g only see g's dims, so cross-head entries are zero.
-func (b *builder) queryMoment(q []float64, pairs [][2]int) *mat.SymDense {
-	n, d, h := len(pairs), b.d, b.d/2
-	out := mat.NewSymDense(n, nil)
-	for a, pa := range pairs {
-		for c := a; c < n; c++ {
-			pc := pairs[c]
-			if pa[0] != pc[0] {
-				continue
-			}
-			blk := q[pa[0]*d*d:]
-			out.SetSym(a, c, blk[pa[1]*d+pc[1]]+blk[(pa[1]+h)*d+pc[1]+h])
-		}
-	}
-	return out
-}
-
-func scaledSym(s *mat.SymDense, f float64) *mat.SymDense {
-	var out mat.SymDense
-	out.ScaleSym(f, s)
-	return &out
-}
-
 func (b *builder) meanFreq(c component) float64 {
 	var s, w float64
 	for p, v := range c {
@@ -292,7 +260,7 @@ func meanFreqIndex(c component) float64 {
 
 // partial keeps one (head, frequency) pair per slot, from the band of c
 // frequencies the slot stands for; every other pair loses its rotation.
-func (b *builder) partial(m Moments, c int, method string) {
+func (b *builder) partial(m Moments, c int, method string) error {
 	d, keyDim, h := b.d, b.kvHeads*b.d, b.d/2
 	norm := func(g, j int) float64 {
 		i := g*d + j
@@ -324,6 +292,9 @@ func (b *builder) partial(m Moments, c int, method string) {
 				}
 			}
 		}
+		if best[0] < 0 {
+			return fmt.Errorf("rope: no finite query/key norm for RoPE slot %d (non-finite calibration statistics?)", slot)
+		}
 		kept[best] = true
 		b.addRope(b.unitPair(best[0], best[1]), b.slotFreq[slot])
 	}
@@ -334,6 +305,7 @@ func (b *builder) partial(m Moments, c int, method string) {
 			}
 		}
 	}
+	return nil
 }
 
 // finish lays the components out as rows: RoPE pairs interleaved, then

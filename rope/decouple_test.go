@@ -55,19 +55,18 @@ func TestDecouplingIsOrthogonalWithStandardFrequencies(t *testing.T) {
 		name                   string
 		kvHeads, ropeDim, fold int
 		method                 string
-		queryWeight            float64
 	}{
-		{"rorope-c1", 2, 16, 0, MethodRoRoPE, 0},
-		{"rorope-c2", 3, 8, 0, MethodRoRoPE, 0},
-		{"rorope-fold4", 2, 8, 4, MethodRoRoPE, 0},
-		{"rorope-fold8-qk", 2, 4, 8, MethodRoRoPE, 1},
-		{"2norm", 2, 8, 0, Method2Norm, 0},
-		{"high", 4, 8, 0, MethodHigh, 0},
-		{"uniform", 2, 4, 0, MethodUniform, 0},
+		{"rorope-c1", 2, 16, 0, MethodRoRoPE},
+		{"rorope-c2", 3, 8, 0, MethodRoRoPE},
+		{"rorope-fold4", 2, 8, 4, MethodRoRoPE},
+		{"rorope-fold8", 2, 4, 8, MethodRoRoPE},
+		{"2norm", 2, 8, 0, Method2Norm},
+		{"high", 4, 8, 0, MethodHigh},
+		{"uniform", 2, 4, 0, MethodUniform},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := randMoments(rng, 16, tc.kvHeads, 2*tc.kvHeads)
-			dec, err := Decouple(src, tc.kvHeads, Options{Method: tc.method, RopeDim: tc.ropeDim, FreqFold: tc.fold, QueryWeight: tc.queryWeight}, m)
+			dec, err := Decouple(src, tc.kvHeads, Options{Method: tc.method, RopeDim: tc.ropeDim, FreqFold: tc.fold}, m)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -19,10 +19,11 @@ CGO_ENABLED=0 go build -C "$root" -o "$bin" ./cmd/transmla
 ppl() { "$bin" eval "$1" --data "$data" --max-windows "$windows" --json >"$2" && python3 -c 'import json,sys; print("%.4f" % json.load(open(sys.argv[1]))["ppl"])' "$2"; }
 
 name=$(basename "$model")
-orig=$(ppl "$model" "$work/$name-original.json")
+# ORIGINAL_PPL skips re-measuring the original (e.g. when a second table reuses it).
+orig=${ORIGINAL_PPL:-$(ppl "$model" "$work/$name-original.json")}
 echo "| $name ($windows windows; 0 = all) | kv_lora_rank | cache/token/layer | $modes |"
 echo "|---|---|---|---|"
-echo "| original | — | $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["kv_cache_values_per_token"])' "$work/$name-original.json") (all layers) | $orig |"
+echo "| original | — | $(( $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' "$model/config.json") )) layers | $orig |"
 for dc in $dcs; do
   row=()
   for mode in $modes; do

@@ -41,6 +41,7 @@ type Options struct {
 
 // Factors is the result: Up·(Down·x + DownBias) ≈ W·x + B.
 type Factors struct {
+	// Rank is the latent width (Options.Rank capped at Rows).
 	Rank int
 	// Down is Rank×In, row-major.
 	Down []float64

@@ -38,7 +38,7 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
 			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
 			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (required); at most 2·n_kv·head_dim − rope-dim"},
-			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim: even, dividing head_dim (default: 64, or head_dim if smaller)"},
+			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim: even, dividing head_dim (default: 64, or the largest such divisor below it)"},
 			&cli.StringFlag{Name: "rope-select", Usage: "which key dims keep RoPE: rorope (PCA across KV heads), or per-head pairs 2norm, high, uniform", Value: rope.MethodRoRoPE},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of head_dim/rope-dim, or auto", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
@@ -65,21 +65,29 @@ directory appears only when complete; MODEL is never modified.`,
 				return err
 			}
 			if cfg.MLA != nil {
+				// Bad input rather than bad usage: checked before Validate.
 				return fmt.Errorf("%s is already MLA (%s); convert reads GQA checkpoints", dir, cfg.Architecture)
 			}
-			ropeDim := c.Int("rope-dim")
-			if !c.IsSet("rope-dim") {
-				ropeDim = min(64, cfg.HeadDim)
+			opts := convert.DefaultOptions(cfg, c.Int("dc"))
+			if c.IsSet("rope-dim") {
+				opts.RopeDim = c.Int("rope-dim")
 			}
-			opts := convert.Options{
-				Rank:        c.Int("dc"),
-				RopeDim:     ropeDim,
-				RopeMethod:  c.String("rope-select"),
-				NopeSpan:    c.Float64("nope-span"),
-				Weighting:   c.String("weighting"),
-				ValueWeight: c.Float64("value-weight"),
-				Format:      c.String("format"),
+			opts.RopeMethod = c.String("rope-select")
+			opts.NopeSpan = c.Float64("nope-span")
+			opts.Weighting = c.String("weighting")
+			opts.ValueWeight = c.Float64("value-weight")
+			opts.Format = c.String("format")
+			if !(opts.ValueWeight > 0) {
+				return usagef("--value-weight must be positive, got %v", opts.ValueWeight)
 			}
+			if c.String("calib") == "" {
+				for _, f := range []string{"calib-tokens", "calib-seq", "seed"} {
+					if c.IsSet(f) {
+						return usagef("--%s applies to calibrated conversions only: add --calib FILE", f)
+					}
+				}
+			}
+			opts.FreqFold = 0
 			if f := c.String("freqfold"); f != "auto" {
 				n, err := strconv.Atoi(f)
 				if err != nil {
@@ -143,6 +151,9 @@ func printConvertTable(w io.Writer, r convertReport) {
 	fmt.Fprintf(w, "\ntime        %.1f s (%s backend)\n", r.Seconds, r.Backend)
 	if r.PeakRSSBytes > 0 {
 		fmt.Fprintf(w, "peak memory %s RSS\n", humanBytes(r.PeakRSSBytes))
+	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "note        %s\n", n)
 	}
 	fmt.Fprintf(w, "evaluate    transmla eval %s --data FILE\n", filepath.Clean(r.Output))
 }

@@ -36,7 +36,7 @@ func TestConvertThenEval(t *testing.T) {
 	}
 	// Synthetic: 4 layers, 2 KV heads × 32; d_r = min(64, 32).
 	if rep.CacheValuesBefore != 4*2*2*32 || rep.CacheValuesAfter != 4*(32+32) || rep.Rank != 32 || rep.RopeDim != 32 {
-		t.Errorf("cache %d → %d values, rank %d, rope %d; want %d → %d, 32, 32", rep.CacheValuesBefore, rep.CacheValuesAfter, rep.Rank, rep.RopeDim, 256, 256)
+		t.Errorf("cache %d → %d values, rank %d, rope %d; want %d → %d, 32, 32", rep.CacheValuesBefore, rep.CacheValuesAfter, rep.Rank, rep.RopeDim, 512, 256)
 	}
 	if math.Abs(rep.Reduction-0.5) > 1e-12 {
 		t.Errorf("reduction %v, want 0.5", rep.Reduction)

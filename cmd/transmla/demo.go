@@ -10,7 +10,7 @@ import (
 	"github.com/transmla/transmla/convert"
 	"github.com/transmla/transmla/eval"
 	"github.com/transmla/transmla/model"
-	"github.com/transmla/transmla/rope"
+	"github.com/transmla/transmla/tokenizer"
 )
 
 // demoText is the built-in evaluation text of the demo, written for this project.
@@ -57,10 +57,24 @@ evaluates both on a built-in text and prints perplexity and KV cache before and 
 				force = true // a fresh temporary directory
 				tmp, err := os.MkdirTemp("", "transmla-demo")
 				if err != nil {
-					return err
+					return fmt.Errorf("demo: %w", err)
 				}
 				defer os.RemoveAll(tmp)
 				dir = filepath.Join(tmp, "synthetic-gqa")
+			}
+			ctx := c.Int("ctx")
+			// Checked before anything is written: the synthetic checkpoint's
+			// tokenizer is the built-in byte-level one.
+			tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
+			if err != nil {
+				return err
+			}
+			demoTok, err := tokenizer.Parse("built-in tokenizer", tokJSON)
+			if err != nil {
+				return err
+			}
+			if ids := len(demoTok.Encode(demoText, true)); ctx < 2 || ctx > ids {
+				return usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", ids, ctx)
 			}
 			mlaDir := filepath.Clean(dir) + "-mla"
 			if _, err := os.Stat(mlaDir); err == nil && !force {
@@ -80,20 +94,21 @@ evaluates both on a built-in text and prints perplexity and KV cache before and 
 			if err != nil {
 				return err
 			}
+			cfg, err := model.LoadConfig(dir)
+			if err != nil {
+				return err
+			}
 
 			fmt.Fprintf(w, "== transmla convert %s --dc %d -o %s\n", dir, demoRank, mlaDir)
 			sum, err := convert.Run(c.Context, convert.Job{
 				Source: dir, Output: mlaDir, Force: true, Backend: be, Version: version,
-				Options: convert.Options{Rank: demoRank, RopeDim: min(64, rep.HeadDim), RopeMethod: rope.MethodRoRoPE,
-					FreqFold: convert.AutoFreqFold(rep.HeadDim, min(64, rep.HeadDim)),
-					NopeSpan: convert.DefaultNopeSpan, Weighting: convert.WeightAttention, Format: convert.FormatExact},
+				Options: convert.DefaultOptions(cfg, demoRank),
 			})
 			if err != nil {
 				return fmt.Errorf("convert %s: %w", dir, err)
 			}
 			fmt.Fprintf(w, "%s, %.1f s\n", sum.Method, sum.Seconds)
 
-			ctx := c.Int("ctx")
 			type result struct {
 				ppl, tps    float64
 				cacheValues int
@@ -106,9 +121,6 @@ evaluates both on a built-in text and prints perplexity and KV cache before and 
 					return result{}, err
 				}
 				ids := tok.Encode(demoText, true)
-				if ctx < 2 || ctx > len(ids) {
-					return result{}, usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", len(ids), ctx)
-				}
 				runner, err := eval.NewRunner(m, be, max(ctx, 64))
 				if err != nil {
 					return result{}, err
