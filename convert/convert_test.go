@@ -164,7 +164,9 @@ func TestStockFormatMatchesExact(t *testing.T) {
 		sm  sharedModel
 		tol float64
 	}{
-		{sharedModels[0], 1e-3},
+		// The stock export also moves every RMSNorm's epsilon to 1e-6
+		// (transformers' fixed kv_a_layernorm epsilon): a few 1e-4 here.
+		{sharedModels[0], 3e-3},
 		{sharedModels[1], 0.05},
 	} {
 		t.Run(tc.sm.name, func(t *testing.T) {
