@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Perplexity and tokens/s of a Llama/Qwen2 checkpoint with PyTorch on the CPU.
+"""Perplexity and tokens/s of a Llama/Qwen2 or converted DeepSeek-V3 (MLA)
+checkpoint with PyTorch on the CPU.
 
 A second, independent implementation of the forward pass (plain torch, no
 transformers) to run beside `transmla eval` on the same machine. Token ids come
-from `transmla tokenize --ids-out`, so both sides score the same windows.
+from `transmla tokenize --ids-out`, so both sides score the same windows. The
+MLA attention follows transformers' DeepseekV3Attention: q_proj without bias
+(unless the checkpoint has one), kv_a_layernorm with transformers' fixed
+epsilon 1e-6 when present, interleaved RoPE rows de-interleaved before the
+rotate-half rotation, softmax scale (qk_nope + qk_rope)^-1/2.
 
 usage: torch_eval.py MODEL_DIR IDS_JSON [--ctx 1024] [--max-windows N] [--threads N]
 Prints one JSON object: ppl, tokens_scored, windows, tokens_per_second, seconds.
@@ -72,6 +77,37 @@ def rmsnorm(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def deinterleave(x):
+    """[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...] on the last dim."""
+    d = x.shape[-1]
+    return x.reshape(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(*x.shape[:-1], d)
+
+
+def mla_attention(cfg, w, p, h, cos, sin, mask):
+    T = h.shape[0]
+    H = cfg["num_attention_heads"]
+    dn, dr, dv, dc = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    lin = lambda name, x: torch.nn.functional.linear(x, w[p + name + ".weight"], w.get(p + name + ".bias"))
+    q = lin("self_attn.q_proj", h).view(T, H, dn + dr).transpose(0, 1)
+    q_pass, q_rot = q[..., :dn], q[..., dn:]
+    a = lin("self_attn.kv_a_proj_with_mqa", h)
+    c, k_rot = a[:, :dc], a[:, dc:]
+    if p + "self_attn.kv_a_layernorm.weight" in w:
+        c = rmsnorm(c, w[p + "self_attn.kv_a_layernorm.weight"], 1e-6)
+    kv = lin("self_attn.kv_b_proj", c).view(T, H, dn + dv).transpose(0, 1)
+    k_pass, v = kv[..., :dn], kv[..., dn:]
+    k_rot = k_rot.view(1, T, dr)
+    if cfg.get("rope_interleave", True):
+        q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
+    q_rot = q_rot * cos + rotate_half(q_rot) * sin
+    k_rot = (k_rot * cos + rotate_half(k_rot) * sin).expand(H, T, dr)
+    qs = torch.cat([q_pass, q_rot], dim=-1)
+    ks = torch.cat([k_pass, k_rot], dim=-1)
+    s = qs @ ks.transpose(1, 2) * (dn + dr) ** -0.5 + mask
+    out = torch.softmax(s, dim=-1) @ v
+    return lin("self_attn.o_proj", out.transpose(0, 1).reshape(T, H * dv))
+
+
 def forward(cfg, w, ids, cos, sin):
     D = cfg["hidden_size"]
     H = cfg["num_attention_heads"]
@@ -85,6 +121,11 @@ def forward(cfg, w, ids, cos, sin):
         p = f"model.layers.{i}."
         lin = lambda name, h: torch.nn.functional.linear(h, w[p + name + ".weight"], w.get(p + name + ".bias"))
         h = rmsnorm(x, w[p + "input_layernorm.weight"], eps)
+        if cfg.get("model_type") == "deepseek_v3":
+            x = x + mla_attention(cfg, w, p, h, cos, sin, mask)
+            h = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
+            x = x + lin("mlp.down_proj", torch.nn.functional.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h))
+            continue
         q = lin("self_attn.q_proj", h).view(T, H, hd).transpose(0, 1)
         k = lin("self_attn.k_proj", h).view(T, G, hd).transpose(0, 1)
         v = lin("self_attn.v_proj", h).view(T, G, hd).transpose(0, 1)
@@ -117,6 +158,8 @@ def main():
     if a.max_windows:
         windows = min(windows, a.max_windows)
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("model_type") == "deepseek_v3":
+        hd = cfg["qk_rope_head_dim"]  # RoPE covers the decoupled key only
     cos, sin = rope_tables(cfg, hd, a.ctx)
     nll = 0.0
     start = time.perf_counter()
