@@ -51,7 +51,7 @@ func TestPerplexityMatchesTransformers(t *testing.T) {
 				t.Fatal(err)
 			}
 			ids := tok.Encode(string(text), true)
-			r, err := NewRunner(m, kernels.Gonum{}, 1024)
+			r, err := NewRunner(m, kernels.NewNative(), 1024) // the shipped default backend
 			if err != nil {
 				t.Fatal(err)
 			}
