@@ -128,9 +128,11 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 	// The joint latent factors [Nope·K̃; Ṽ].
 	rows := np + G*d
 	stack := mat.NewDense(rows, D+1, nil)
+	var nopeRows *mat.Dense
 	if np > 0 {
+		nopeRows = mat.NewDense(np, G*d, dec.Nope)
 		var kNope mat.Dense
-		kNope.Mul(mat.NewDense(np, G*d, dec.Nope), wk)
+		kNope.Mul(nopeRows, wk)
 		if L := p.opts.NopeSpan; L > 0 {
 			for i, w := range dec.NopeInvFreq {
 				x := w * L
@@ -196,7 +198,7 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 		if np > 0 {
 			// k_nope_h = Nope_gᵀ·k_nope: the group's key with its RoPE part
 			// projected out.
-			nopeG := mat.NewDense(np, G*d, dec.Nope).Slice(0, np, g*d, (g+1)*d)
+			nopeG := nopeRows.Slice(0, np, g*d, (g+1)*d)
 			var uk mat.Dense
 			uk.Mul(nopeG.T(), up.Slice(0, np, 0, dc))
 			for i := range d {
@@ -287,13 +289,12 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 		a := mat.NewDense(rows, rows, nil)
 		c := secondMoment(stack, p.moment)
 		group := H / G
-		nope := mat.NewDense(max(np, 1), G*d, nil)
+		var nope *mat.Dense
 		if np > 0 {
 			nope = mat.NewDense(np, G*d, dec.Nope)
 		}
-		// Key block: Σ_h Nope_g E[q_h q_hᵀ] Nope_gᵀ.
-		ak := mat.NewDense(max(np, 1), max(np, 1), nil)
-		// Value block of group g: Σ_{h∈g} O_hᵀ O_h.
+		// Key block: Σ_h Nope_g E[q_h q_hᵀ] Nope_gᵀ; value block of group g:
+		// Σ_{h∈g} O_hᵀ O_h.
 		D := src.HiddenSize
 		o := make([]float64, D*H*d)
 		for i, v := range l.O.W {
@@ -308,7 +309,8 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 				var t, u mat.Dense
 				t.Mul(ng, qh)
 				u.Mul(&t, ng.T())
-				ak.Add(ak, &u)
+				kb := a.Slice(0, np, 0, np).(*mat.Dense)
+				kb.Add(kb, &u)
 			}
 			oh := om.Slice(0, D, h*d, (h+1)*d)
 			var ohTo mat.Dense
@@ -335,11 +337,8 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 				}
 			}
 		}
-		if np > 0 {
-			a.Slice(0, np, 0, np).(*mat.Dense).Copy(ak)
-			if tk := trProd(0, np); tk > 0 {
-				scaleBlock(0, np, 1/tk)
-			}
+		if tk := trProd(0, np); tk > 0 {
+			scaleBlock(0, np, 1/tk)
 		}
 		if tv := trProd(np, rows); tv > 0 {
 			scaleBlock(np, rows, p.opts.valueWeight()/tv)

@@ -436,11 +436,7 @@ func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 	D := s.src.HiddenSize
 	out := []safetensors.TensorSpec{lazy("model.embed_tokens.weight", []int{s.src.VocabSize, D}, s.reader.Embed)}
 	for i := range s.src.NumLayers {
-		ls, err := lazyLayerTensors(s.dst, i, dt, s.get)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, ls...)
+		out = append(out, lazyLayerTensors(s.dst, i, dt, s.get)...)
 	}
 	out = append(out, lazy("model.norm.weight", []int{D}, s.reader.Norm))
 	if !s.src.TieWordEmbeddings {

@@ -282,6 +282,19 @@ func LayerTensors(cfg Config, i int, l *Layer, dt safetensors.DType) ([]safetens
 	return specs(layerReqs(cfg, i, l), dt)
 }
 
+// LayerTensorShapes lists decoder layer i's tensor names and shapes for
+// cfg, in LayerTensors' order, without any weights: what a streaming writer
+// plans a file with before the layer exists.
+func LayerTensorShapes(cfg Config, i int) []safetensors.TensorInfo {
+	var l Layer
+	reqs := layerReqs(cfg, i, &l)
+	out := make([]safetensors.TensorInfo, len(reqs))
+	for k, r := range reqs {
+		out[k] = safetensors.TensorInfo{Name: r.name, Shape: r.shape}
+	}
+	return out
+}
+
 // Tensors returns all of m's tensors, stored as dt, under the names and
 // shapes that Load expects (no lm_head with tied embeddings).
 func (m *Model) Tensors(dt safetensors.DType) ([]safetensors.TensorSpec, error) {

@@ -65,7 +65,7 @@ evaluates both on a built-in text and prints perplexity and KV cache before and 
 			ctx := c.Int("ctx")
 			// Checked before anything is written: the synthetic checkpoint's
 			// tokenizer is the built-in byte-level one.
-			tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
+			tokJSON, err := syntheticTokenizer()
 			if err != nil {
 				return err
 			}

@@ -64,6 +64,10 @@ decaying per-row scales), so the model's text is noise, but every command runs o
 
 // writeSynthetic builds the checkpoint in a temporary sibling directory and
 // renames it into place, so dir is either absent, the old one, or complete.
+// syntheticTokenizer is the tokenizer.json written beside synthetic
+// checkpoints: byte-level, with one end-of-text special.
+func syntheticTokenizer() ([]byte, error) { return tokenizer.ByteLevelJSON("<|endoftext|>") }
+
 func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, force bool) error {
 	if _, err := os.Stat(dir); err == nil && !force {
 		return usagef("output %s exists; use --force to replace it", dir)
@@ -77,7 +81,7 @@ func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, f
 	if err := model.WriteSynthetic(ctx, tmp, spec); err != nil {
 		return err
 	}
-	tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
+	tokJSON, err := syntheticTokenizer()
 	if err != nil {
 		return err
 	}
