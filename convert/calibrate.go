@@ -44,18 +44,23 @@ func CalibrationSequences(ids []int, tokens, seqLen int, seed uint64) ([][]int, 
 
 // momentAccumulator sums x̃ x̃ᵀ over attention-input rows, x̃ = [x; 1], in
 // float64; the products of each batch are computed in float32 by the
-// backend.
+// backend, only for the lower triangle (the moment is symmetric).
 type momentAccumulator struct {
 	be    kernels.Backend
 	dim   int
-	sum   []float64 // (dim+1)²
+	gram  []float64 // Σ x xᵀ, lower triangle of dim×dim
+	sum   []float64 // Σ x
 	count float64
 	buf   []float32
 }
 
 func newMomentAccumulator(be kernels.Backend, dim int) *momentAccumulator {
-	return &momentAccumulator{be: be, dim: dim, sum: make([]float64, (dim+1)*(dim+1))}
+	return &momentAccumulator{be: be, dim: dim, gram: make([]float64, dim*dim), sum: make([]float64, dim)}
 }
+
+// gramBlock is the height of the block rows in which add computes the
+// lower triangle of a batch's Gram matrix.
+const gramBlock = 512
 
 // add accumulates rows×dim activations.
 func (a *momentAccumulator) add(x []float32, rows int) {
@@ -64,29 +69,39 @@ func (a *momentAccumulator) add(x []float32, rows int) {
 		a.buf = make([]float32, n*n)
 	}
 	g := a.buf[:n*n]
-	a.be.Gemm(true, false, n, n, rows, 1, x, n, x, n, 0, g, n)
+	for i0 := 0; i0 < n; i0 += gramBlock {
+		w := min(gramBlock, n-i0)
+		// Rows i0..i0+w of XᵀX, columns up to the diagonal block's end.
+		a.be.Gemm(true, false, w, i0+w, rows, 1, x[i0:], n, x, n, 0, g[i0*n:], n)
+	}
 	for i := range n {
-		row := a.sum[i*(n+1) : (i+1)*(n+1)]
-		for j, v := range g[i*n : (i+1)*n] {
-			row[j] += float64(v)
+		dst := a.gram[i*n : i*n+i+1]
+		for j, v := range g[i*n : i*n+i+1] {
+			dst[j] += float64(v)
 		}
 	}
 	for r := range rows {
 		for j, v := range x[r*n : (r+1)*n] {
-			a.sum[j*(n+1)+n] += float64(v)
-			a.sum[n*(n+1)+j] += float64(v)
+			a.sum[j] += float64(v)
 		}
 	}
-	a.sum[n*(n+1)+n] += float64(rows)
 	a.count += float64(rows)
 }
 
-// moment is the mean E[x̃ x̃ᵀ].
+// moment is the mean E[x̃ x̃ᵀ], (dim+1)².
 func (a *momentAccumulator) moment() []float64 {
-	out := make([]float64, len(a.sum))
-	for i, v := range a.sum {
-		out[i] = v / a.count
+	n := a.dim
+	n1 := n + 1
+	out := make([]float64, n1*n1)
+	for i := range n {
+		for j, v := range a.gram[i*n : i*n+i+1] {
+			m := v / a.count
+			out[i*n1+j], out[j*n1+i] = m, m
+		}
+		m := a.sum[i] / a.count
+		out[i*n1+n], out[n*n1+i] = m, m
 	}
+	out[n*n1+n] = 1
 	return out
 }
 

@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -407,5 +408,35 @@ func poisonLayer(t *testing.T, dir string) {
 	}
 	if err := safetensors.WriteCheckpoint(context.Background(), dir, specs, safetensors.WriteOptions{}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Converting the same model twice gives the same weights, bit for bit: the
+// latent's eigenvector signs are fixed by convention, not by rounding noise.
+func TestConversionIsDeterministic(t *testing.T) {
+	dir := t.TempDir()
+	if err := model.WriteSynthetic(context.Background(), dir, model.DefaultSynthetic()); err != nil {
+		t.Fatal(err)
+	}
+	m, err := model.Load(context.Background(), dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first *model.Model
+	for run := range 3 {
+		out, _, err := ConvertModel(context.Background(), m, DefaultOptions(m.Config, 32), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first == nil {
+			first = out
+			continue
+		}
+		for l := range out.Layers {
+			got, want := out.Layers[l].MLA, first.Layers[l].MLA
+			if !slices.Equal(got.KVA.W, want.KVA.W) || !slices.Equal(got.KVB.W, want.KVB.W) || !slices.Equal(got.Q.W, want.Q.W) {
+				t.Fatalf("run %d, layer %d: weights differ from the first run", run, l)
+			}
+		}
 	}
 }

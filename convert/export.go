@@ -25,10 +25,19 @@ func sideFiles() []string {
 func copySideFiles(src, dst string) ([]string, error) {
 	var copied []string
 	for _, name := range sideFiles() {
-		in, err := os.Open(filepath.Join(src, name))
+		path := filepath.Join(src, name)
+		fi, err := os.Stat(path)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
+		if err == nil && !fi.Mode().IsRegular() {
+			// Opening a FIFO would block; a device might never end.
+			err = fmt.Errorf("%s is not a regular file", path)
+		}
+		if err != nil {
+			return copied, fmt.Errorf("copy %s: %w", name, err)
+		}
+		in, err := os.Open(path)
 		if err != nil {
 			return copied, fmt.Errorf("copy %s: %w", name, err)
 		}
@@ -38,11 +47,14 @@ func copySideFiles(src, dst string) ([]string, error) {
 			if err != nil {
 				return err
 			}
-			if _, err := io.Copy(out, in); err != nil {
-				out.Close()
-				return err
+			_, err = io.Copy(out, in)
+			if err == nil {
+				err = out.Sync() // the output is renamed into place as complete
 			}
-			return out.Close()
+			if cerr := out.Close(); err == nil {
+				err = cerr
+			}
+			return err
 		}()
 		if err != nil {
 			return copied, fmt.Errorf("copy %s: %w", name, err)

@@ -3,10 +3,10 @@ package convert
 import (
 	"fmt"
 	"math"
-	"slices"
 
 	"gonum.org/v1/gonum/mat"
 
+	"github.com/transmla/transmla/internal/f64"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
 	"github.com/transmla/transmla/svd"
@@ -53,15 +53,50 @@ func augmented(l model.Linear, out, in int) *mat.Dense {
 // secondMoment returns W̃ S W̃ᵀ, with S the identity when moment is nil.
 func secondMoment(w *mat.Dense, moment []float64) *mat.Dense {
 	r, c := w.Dims()
-	var ws mat.Dense
-	if moment != nil {
-		ws.Mul(w, mat.NewDense(c, c, moment))
-	} else {
-		ws.CloneFrom(w)
+	return mat.NewDense(r, r, svd.Gram(packedRows(w), r, c, moment))
+}
+
+// packedRows returns w's values row after row, without gaps: w's own
+// storage when its stride is its width, else a copy.
+func packedRows(w *mat.Dense) []float64 {
+	raw := w.RawMatrix()
+	if raw.Stride == raw.Cols || raw.Rows <= 1 {
+		return raw.Data[:raw.Rows*raw.Cols]
 	}
-	out := mat.NewDense(r, r, nil)
-	out.Mul(&ws, w.T())
+	out := make([]float64, raw.Rows*raw.Cols)
+	for i := range raw.Rows {
+		copy(out[i*raw.Cols:(i+1)*raw.Cols], raw.Data[i*raw.Stride:])
+	}
 	return out
+}
+
+// diagMoment is the diagonal of w·S·wᵀ for the rows×cols w: each row's
+// energy, with S the identity when moment is nil.
+func diagMoment(w []float64, rows, cols int, moment []float64) []float64 {
+	ws := w
+	if moment != nil {
+		ws = make([]float64, rows*cols)
+		f64.Gemm(false, false, rows, cols, cols, 1, w, cols, moment, cols, 0, ws, cols)
+	}
+	out := make([]float64, rows)
+	for i := range rows {
+		for j, v := range w[i*cols : (i+1)*cols] {
+			out[i] += v * ws[i*cols+j]
+		}
+	}
+	return out
+}
+
+// trProduct is tr(A·C) = Σ_ij a_ij·c_ji for n×n blocks of a and c with
+// row strides lda and ldc.
+func trProduct(a []float64, lda int, c []float64, ldc, n int) float64 {
+	var t float64
+	for i := range n {
+		for j := range n {
+			t += a[i*lda+j] * c[j*ldc+i]
+		}
+	}
+	return t
 }
 
 // queryMoment is E[q_h q_hᵀ] (d×d) of query head h.
@@ -108,8 +143,45 @@ func (p *layerPlan) decouple(wq, wk *mat.Dense) (*rope.Decoupling, error) {
 	}, p.moments(wq, wk))
 }
 
+// layerAnalysis is the rank-independent part of one layer's conversion:
+// the RoPE decoupling, the joint latent's problem and error weight, and
+// the finished q_proj. Built once, it gives the layer at any latent width
+// (a Plan truncates one factorization for every width).
+type layerAnalysis struct {
+	p *layerPlan
+	// attnNorm is the input RMSNorm's weight, which the data-free stock
+	// shrink estimates the attention input's scale from.
+	attnNorm []float32
+	dec      *rope.Decoupling
+	// ropeRows (d_r × G·d) and nopeRows (np × G·d, nil when np = 0) split
+	// the stacked keys into their RoPE and position-free parts.
+	ropeRows, nopeRows *mat.Dense
+	// kRope is the decoupled RoPE key's projection, d_r × (D+1).
+	kRope *mat.Dense
+	// prob is the joint latent's problem [Nope·K̃; Ṽ] and weight its error
+	// weight.
+	prob   svd.Problem
+	weight []float64
+	// q is the finished q_proj: it does not depend on the latent.
+	q model.Linear
+}
+
 // convertLayer rewrites one GQA layer as MLA.
 func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
+	a, err := p.analyse(l)
+	if err != nil {
+		return nil, err
+	}
+	fac, err := a.factor(p.opts.Rank)
+	if err != nil {
+		return nil, err
+	}
+	return a.build(fac), nil
+}
+
+// analyse computes everything of layer l's conversion that does not
+// depend on the latent width.
+func (p *layerPlan) analyse(l *model.Layer) (*layerAnalysis, error) {
 	src := p.src
 	D, d, G, H := src.HiddenSize, src.HeadDim, src.NumKVHeads, src.NumHeads
 	group := H / G
@@ -121,18 +193,16 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 		return nil, err
 	}
 	dr, np := dec.RopeDim(), dec.NopeDim()
-	ropeRows := mat.NewDense(dr, G*d, dec.Rope)
-	var kRope mat.Dense // d_r × (D+1)
-	kRope.Mul(ropeRows, wk)
+	a := &layerAnalysis{p: p, attnNorm: l.AttnNorm, dec: dec, ropeRows: mat.NewDense(dr, G*d, dec.Rope), kRope: &mat.Dense{}}
+	a.kRope.Mul(a.ropeRows, wk)
 
 	// The joint latent factors [Nope·K̃; Ṽ].
 	rows := np + G*d
 	stack := mat.NewDense(rows, D+1, nil)
-	var nopeRows *mat.Dense
 	if np > 0 {
-		nopeRows = mat.NewDense(np, G*d, dec.Nope)
+		a.nopeRows = mat.NewDense(np, G*d, dec.Nope)
 		var kNope mat.Dense
-		kNope.Mul(nopeRows, wk)
+		kNope.Mul(a.nopeRows, wk)
 		if L := p.opts.NopeSpan; L > 0 {
 			for i, w := range dec.NopeInvFreq {
 				x := w * L
@@ -149,43 +219,91 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 		stack.Slice(0, np, 0, D+1).(*mat.Dense).Copy(&kNope)
 	}
 	stack.Slice(np, rows, 0, D+1).(*mat.Dense).Copy(wv)
-	prob := svd.Problem{Rows: rows, In: D, W: make([]float64, rows*D), B: make([]float64, rows)}
+	a.prob = svd.Problem{Rows: rows, In: D, W: make([]float64, rows*D), B: make([]float64, rows)}
 	for i := range rows {
 		row := stack.RawRowView(i)
-		copy(prob.W[i*D:(i+1)*D], row[:D])
-		prob.B[i] = row[D]
+		copy(a.prob.W[i*D:(i+1)*D], row[:D])
+		a.prob.B[i] = row[D]
 	}
-	weight, err := p.errorWeight(l, wq, stack, dec, np)
-	if err != nil {
+	if a.weight, err = p.errorWeight(l, wq, stack, dec, np); err != nil {
 		return nil, err
 	}
-	var fac *svd.Factors
-	if p.opts.ropeOnly {
-		fac = identityLatent(prob)
-	} else if fac, err = svd.Factor(prob, svd.Options{Rank: p.opts.Rank, Moment: p.moment, Weight: weight}); err != nil {
+
+	// q_proj: per head [s·q_h; s·Rope_g·q_h], s compensating DeepSeek's
+	// softmax scale.
+	s := src.AttentionScale() / p.dst.AttentionScale()
+	a.q.W = make([]float32, H*(d+dr)*D)
+	if src.QKVBias {
+		a.q.B = make([]float32, H*(d+dr))
+	}
+	for h := range H {
+		g := h / group
+		qh := wq.Slice(h*d, (h+1)*d, 0, D+1)
+		var qr mat.Dense
+		qr.Mul(a.ropeRows.Slice(0, dr, g*d, (g+1)*d), qh)
+		base := h * (d + dr)
+		for i := range d + dr {
+			var row []float64
+			if i < d {
+				row = qh.(*mat.Dense).RawRowView(i)[:D+1]
+			} else {
+				row = qr.RawRowView(i - d)
+			}
+			dst := a.q.W[(base+i)*D : (base+i+1)*D]
+			for j := range D {
+				dst[j] = float32(s * row[j])
+			}
+			if a.q.B != nil {
+				a.q.B[base+i] = float32(s * row[D])
+			}
+		}
+	}
+	if !p.dst.MLA.QBias {
+		foldBias(&a.q, p.moment, D)
+	}
+	return a, nil
+}
+
+// factor computes the joint latent at width rank.
+func (a *layerAnalysis) factor(rank int) (*svd.Factors, error) {
+	if a.p.opts.ropeOnly {
+		return identityLatent(a.prob), nil
+	}
+	fac, err := svd.Factor(a.prob, svd.Options{Rank: rank, Moment: a.p.moment, Weight: a.weight})
+	if err != nil {
 		return nil, fmt.Errorf("joint latent: %w", err)
 	}
+	return fac, nil
+}
+
+// build assembles the MLA layer from the latent fac, which it may modify
+// (the stock format scales it). The layer's q_proj is a.q itself.
+func (a *layerAnalysis) build(fac *svd.Factors) *layerResult {
+	p, src := a.p, a.p.src
+	D, d, H := src.HiddenSize, src.HeadDim, src.NumHeads
+	group := H / src.NumKVHeads
+	dr, np, rows := a.dec.RopeDim(), a.dec.NopeDim(), a.prob.Rows
 	dc := fac.Rank
 	var normWeight []float32
 	if p.dst.MLA.KVANorm {
-		normWeight = p.shrinkLatent(fac, D, l.AttnNorm)
+		normWeight = p.shrinkLatent(fac, D, a.attnNorm)
 	}
 
-	mla := &model.MLALayer{}
+	mla := &model.MLALayer{Q: a.q, KVANorm: normWeight}
 	// kv_a_proj_with_mqa: [W_DKV; W_KR].
 	mla.KVA.W = make([]float32, (dc+dr)*D)
 	for i := range dc {
 		toFloat32(mla.KVA.W[i*D:(i+1)*D], fac.Down[i*D:(i+1)*D])
 	}
 	for i := range dr {
-		toFloat32(mla.KVA.W[(dc+i)*D:(dc+i+1)*D], kRope.RawRowView(i)[:D])
+		toFloat32(mla.KVA.W[(dc+i)*D:(dc+i+1)*D], a.kRope.RawRowView(i)[:D])
 	}
 	// Stock exports have no biases; they are built here and folded below.
 	if src.QKVBias {
 		mla.KVA.B = make([]float32, dc+dr)
 		toFloat32(mla.KVA.B[:dc], fac.DownBias)
 		for i := range dr {
-			mla.KVA.B[dc+i] = float32(kRope.At(i, D))
+			mla.KVA.B[dc+i] = float32(a.kRope.At(i, D))
 		}
 	}
 
@@ -198,7 +316,7 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 		if np > 0 {
 			// k_nope_h = Nope_gᵀ·k_nope: the group's key with its RoPE part
 			// projected out.
-			nopeG := nopeRows.Slice(0, np, g*d, (g+1)*d)
+			nopeG := a.nopeRows.Slice(0, np, g*d, (g+1)*d)
 			var uk mat.Dense
 			uk.Mul(nopeG.T(), up.Slice(0, np, 0, dc))
 			for i := range d {
@@ -209,53 +327,24 @@ func (p *layerPlan) convertLayer(l *model.Layer) (*layerResult, error) {
 			toFloat32(mla.KVB.W[base+(d+i)*dc:base+(d+i+1)*dc], up.RawRowView(np+g*d+i))
 		}
 	}
-
-	// q_proj: per head [s·q_h; s·Rope_g·q_h], s compensating DeepSeek's
-	// softmax scale.
-	s := src.AttentionScale() / p.dst.AttentionScale()
-	mla.Q.W = make([]float32, H*(d+dr)*D)
-	if src.QKVBias {
-		mla.Q.B = make([]float32, H*(d+dr))
-	}
-	for h := range H {
-		g := h / group
-		qh := wq.Slice(h*d, (h+1)*d, 0, D+1)
-		var qr mat.Dense
-		qr.Mul(ropeRows.Slice(0, dr, g*d, (g+1)*d), qh)
-		base := h * (d + dr)
-		for i := range d + dr {
-			var row []float64
-			if i < d {
-				row = qh.(*mat.Dense).RawRowView(i)[:D+1]
-			} else {
-				row = qr.RawRowView(i - d)
-			}
-			dst := mla.Q.W[(base+i)*D : (base+i+1)*D]
-			for j := range D {
-				dst[j] = float32(s * row[j])
-			}
-			if mla.Q.B != nil {
-				mla.Q.B[base+i] = float32(s * row[D])
-			}
-		}
-	}
-	mla.KVANorm = normWeight
-	if !p.dst.MLA.QBias {
-		foldBias(&mla.Q, p.moment, D)
-	}
 	if !p.dst.MLA.KVABias {
 		foldBias(&mla.KVA, p.moment, D)
 	}
-	return &layerResult{mla: mla, retained: fac.Retained, ropeInvFreq: dec.InvFreq}, nil
+	return &layerResult{mla: mla, retained: fac.Retained, ropeInvFreq: a.dec.InvFreq}
 }
 
 // errorWeight builds the weight A of the joint factorization's error: nil
 // (plain PCA/SVD), TransMLA's balanced K/V, or the attention-aware weight
 // (key error through the queries, value error through o_proj).
+//
+// Only the blocks of the stack's moment C = W̃ S W̃ᵀ that the weighting
+// reads are computed: its diagonal (balanced) or its key block and the
+// value blocks of each KV group (attention), never the whole of it.
 func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.Decoupling, np int) ([]float64, error) {
 	src := p.src
-	rows, _ := stack.Dims()
+	rows, cols := stack.Dims()
 	d, G, H := src.HeadDim, src.NumKVHeads, src.NumHeads
+	w := packedRows(stack)
 	switch p.opts.Weighting {
 	case WeightNone:
 		return nil, nil
@@ -264,13 +353,12 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 			return nil, nil
 		}
 		// Scale the key rows so keys and values carry equal energy.
-		c := secondMoment(stack, p.moment)
 		var ek, ev float64
-		for i := range rows {
+		for i, e := range diagMoment(w, rows, cols, p.moment) {
 			if i < np {
-				ek += c.At(i, i)
+				ek += e
 			} else {
-				ev += c.At(i, i)
+				ev += e
 			}
 		}
 		if !(ek > 0) {
@@ -286,64 +374,61 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 		}
 		return a, nil
 	case WeightAttention:
-		a := mat.NewDense(rows, rows, nil)
-		c := secondMoment(stack, p.moment)
+		// blockMoment is the diagonal block of C for stack rows lo..hi.
+		blockMoment := func(lo, hi int) []float64 { return svd.Gram(w[lo*cols:hi*cols], hi-lo, cols, p.moment) }
+		a := make([]float64, rows*rows)
 		group := H / G
-		var nope *mat.Dense
+		kd := G * d
+		// Key block: Σ_g Nope_g (Σ_{h∈g} E[q_h q_hᵀ]) Nope_gᵀ.
 		if np > 0 {
-			nope = mat.NewDense(np, G*d, dec.Nope)
+			qg := make([]float64, d*d)
+			t := make([]float64, np*d)
+			for g := range G {
+				clear(qg)
+				for h := g * group; h < (g+1)*group; h++ {
+					for i, v := range p.queryMoment(wq, h).RawMatrix().Data {
+						qg[i] += v
+					}
+				}
+				f64.Gemm(false, false, np, d, d, 1, dec.Nope[g*d:], kd, qg, d, 0, t, d)
+				f64.Gemm(false, true, np, np, d, 1, t, d, dec.Nope[g*d:], kd, 1, a, rows)
+			}
 		}
-		// Key block: Σ_h Nope_g E[q_h q_hᵀ] Nope_gᵀ; value block of group g:
-		// Σ_{h∈g} O_hᵀ O_h.
+		// Value block of group g: Σ_{h∈g} O_hᵀ O_h, O_h the head's d
+		// columns of o_proj (D × H·d).
 		D := src.HiddenSize
 		o := make([]float64, D*H*d)
 		for i, v := range l.O.W {
 			o[i] = float64(v)
 		}
-		om := mat.NewDense(D, H*d, o)
 		for h := range H {
-			g := h / group
-			if np > 0 {
-				qh := p.queryMoment(wq, h)
-				ng := nope.Slice(0, np, g*d, (g+1)*d)
-				var t, u mat.Dense
-				t.Mul(ng, qh)
-				u.Mul(&t, ng.T())
-				kb := a.Slice(0, np, 0, np).(*mat.Dense)
-				kb.Add(kb, &u)
-			}
-			oh := om.Slice(0, D, h*d, (h+1)*d)
-			var ohTo mat.Dense
-			ohTo.Mul(oh.T(), oh)
-			blk := a.Slice(np+g*d, np+(g+1)*d, np+g*d, np+(g+1)*d).(*mat.Dense)
-			blk.Add(blk, &ohTo)
+			at := (np + h/group*d) * (rows + 1)
+			f64.Gemm(true, false, d, d, D, 1, o[h*d:], H*d, o[h*d:], H*d, 1, a[at:], rows)
 		}
 		// Normalise each block so that the weighted key and value energies
 		// are equal, then tilt by ValueWeight.
-		trProd := func(lo, hi int) float64 {
-			var t float64
-			for i := lo; i < hi; i++ {
-				for j := lo; j < hi; j++ {
-					t += a.At(i, j) * c.At(j, i)
-				}
-			}
-			return t
-		}
 		scaleBlock := func(lo, hi int, f float64) {
 			for i := lo; i < hi; i++ {
-				row := a.RawRowView(i)[lo:hi]
+				row := a[i*rows+lo : i*rows+hi]
 				for j := range row {
 					row[j] *= f
 				}
 			}
 		}
-		if tk := trProd(0, np); tk > 0 {
-			scaleBlock(0, np, 1/tk)
+		if np > 0 {
+			if tk := trProduct(a, rows, blockMoment(0, np), np, np); tk > 0 {
+				scaleBlock(0, np, 1/tk)
+			}
 		}
-		if tv := trProd(np, rows); tv > 0 {
+		var tv float64
+		for g := range G {
+			lo := np + g*d
+			tv += trProduct(a[lo*(rows+1):], rows, blockMoment(lo, lo+d), d, d)
+		}
+		if tv > 0 {
 			scaleBlock(np, rows, p.opts.valueWeight()/tv)
 		}
-		return a.RawMatrix().Data, nil
+		return a, nil
 	default:
 		return nil, fmt.Errorf("unknown latent weighting %q (known: %v)", p.opts.Weighting, Weightings())
 	}
@@ -364,18 +449,27 @@ const normHeadroom = 1e-5
 // as diag(γ²), γ the input RMSNorm's weight: the normed residual has unit
 // mean square per dim before γ scales it.
 func (p *layerPlan) shrinkLatent(f *svd.Factors, in int, gamma []float32) []float32 {
-	moment := p.moment
-	if moment == nil {
-		moment = make([]float64, (in+1)*(in+1))
-		for i, g := range gamma {
-			moment[i*(in+1)+i] = float64(g) * float64(g)
+	// ms = E[mean_i c_i²], c_i = [Down_i DownBias_i]·x̃.
+	var ms float64
+	if p.moment != nil {
+		n1 := in + 1
+		rows := make([]float64, f.Rank*n1)
+		for i := range f.Rank {
+			copy(rows[i*n1:], f.Down[i*in:(i+1)*in])
+			rows[i*n1+in] = f.DownBias[i]
 		}
-		moment[in*(in+1)+in] = 1
-	}
-	var ms float64 // E[mean_i c_i²]
-	for i := range f.Rank {
-		row := append(slices.Clone(f.Down[i*in:(i+1)*in]), f.DownBias[i])
-		ms += quadForm(row, moment) / float64(f.Rank)
+		for _, e := range diagMoment(rows, f.Rank, n1, p.moment) {
+			ms += e / float64(f.Rank)
+		}
+	} else {
+		for i := range f.Rank {
+			e := f.DownBias[i] * f.DownBias[i]
+			for j, v := range f.Down[i*in : (i+1)*in] {
+				g := float64(gamma[j])
+				e += g * g * v * v
+			}
+			ms += e / float64(f.Rank)
+		}
 	}
 	if !(ms > 0) {
 		ms = 1 // a zero latent: any scale is exact
@@ -393,22 +487,6 @@ func (p *layerPlan) shrinkLatent(f *svd.Factors, in int, gamma []float32) []floa
 		w[i] = float32(math.Sqrt(eps*(1+normHeadroom)) / alpha)
 	}
 	return w
-}
-
-// quadForm is xᵀ S x.
-func quadForm(x, s []float64) float64 {
-	var e float64
-	n := len(x)
-	for a, va := range x {
-		if va == 0 {
-			continue
-		}
-		row := s[a*n : (a+1)*n]
-		for b, vb := range x {
-			e += va * row[b] * vb
-		}
-	}
-	return e
 }
 
 // foldBias removes l's bias, which stock loaders lack, by folding it into

@@ -15,38 +15,53 @@ import (
 type Runner struct {
 	model *model.Model
 	layer *layerEngine
+	opts  Options
 }
 
-// NewRunner prepares a runner for sequences of up to maxPos positions.
+// Options configures a Runner.
+type Options struct {
+	// MaxPositions is the longest sequence the runner accepts.
+	MaxPositions int
+	// CacheDType stores the KV cache rows; the zero value is float32, which
+	// the reference perplexities were computed with. Serving engines keep
+	// the model's dtype (bf16).
+	CacheDType kernels.RowDType
+	// MLAPath selects the attention of MLA layers (PathAuto by default).
+	MLAPath MLAPath
+}
+
+// NewRunner prepares a runner for sequences of up to maxPos positions with
+// a float32 cache.
 func NewRunner(m *model.Model, be kernels.Backend, maxPos int) (*Runner, error) {
-	e, err := newLayerEngine(m.Config, be, maxPos)
+	return NewRunnerWith(m, be, Options{MaxPositions: maxPos})
+}
+
+// NewRunnerWith prepares a runner with explicit options.
+func NewRunnerWith(m *model.Model, be kernels.Backend, opts Options) (*Runner, error) {
+	e, err := newLayerEngine(m.Config, be, opts.MaxPositions, opts.MLAPath)
 	if err != nil {
 		return nil, err
 	}
-	return &Runner{model: m, layer: e}, nil
+	return &Runner{model: m, layer: e, opts: opts}, nil
 }
 
 // MaxPositions is the longest sequence the runner accepts.
 func (r *Runner) MaxPositions() int { return r.layer.rope.Len() }
 
-// KVCache holds the float32 keys and values of one sequence, per layer. MLA
-// layers hold their decompressed per-head keys and values.
+// KVCache holds one sequence's cached rows, one kernels.Rows per layer:
+// keys and values for GQA layers, [c_KV | k_R] for MLA layers. Pages are
+// allocated as positions are written.
 type KVCache struct {
-	k, v             [][]float32
-	len              int
-	cap              int
-	kStride, vStride int
+	layers []*kernels.Rows
+	len    int
+	cap    int
 }
 
-// NewCache allocates a cache for up to r.MaxPositions() tokens.
+// NewCache returns an empty cache for up to r.MaxPositions() tokens.
 func (r *Runner) NewCache() *KVCache {
-	e := r.layer
-	c := &KVCache{cap: r.MaxPositions(), kStride: e.kStride, vStride: e.vStride}
-	c.k = make([][]float32, e.cfg.NumLayers)
-	c.v = make([][]float32, e.cfg.NumLayers)
-	for i := range c.k {
-		c.k[i] = make([]float32, c.cap*c.kStride)
-		c.v[i] = make([]float32, c.cap*c.vStride)
+	c := &KVCache{cap: r.MaxPositions(), layers: make([]*kernels.Rows, r.model.Config.NumLayers)}
+	for i := range c.layers {
+		c.layers[i] = kernels.NewRows(r.layer.rowWidth, kernels.DefaultPageRows, r.opts.CacheDType)
 	}
 	return c
 }
@@ -55,7 +70,37 @@ func (r *Runner) NewCache() *KVCache {
 func (c *KVCache) Len() int { return c.len }
 
 // Reset empties the cache for a new sequence, keeping its memory.
-func (c *KVCache) Reset() { c.len = 0 }
+func (c *KVCache) Reset() {
+	c.len = 0
+	for _, l := range c.layers {
+		l.Truncate(0)
+	}
+}
+
+// Reserve allocates the pages for n positions in every layer.
+func (c *KVCache) Reserve(n int) {
+	for _, l := range c.layers {
+		l.Reserve(min(n, c.cap))
+	}
+}
+
+// BytesAllocated is the memory the cache's pages hold.
+func (c *KVCache) BytesAllocated() int64 {
+	var b int64
+	for _, l := range c.layers {
+		b += l.BytesAllocated()
+	}
+	return b
+}
+
+// RowBytes is the cache per position over all layers, in bytes.
+func (c *KVCache) RowBytes() int64 {
+	var b int64
+	for _, l := range c.layers {
+		b += int64(l.Width() * l.DType().Bytes())
+	}
+	return b
+}
 
 // Embed returns the embeddings of tokens (len(tokens)×HiddenSize).
 func (r *Runner) Embed(tokens []int) ([]float32, error) {
@@ -95,39 +140,68 @@ func Logits(be kernels.Backend, cfg model.Config, norm []float32, head model.Lin
 // VocabSize per token when allLogits, else only the last token's row.
 // ctx is checked between layers, so a long prefill can be interrupted.
 func (r *Runner) Forward(ctx context.Context, cache *KVCache, tokens []int, allLogits bool) ([]float32, error) {
-	m := r.model
-	e := r.layer
-	n := len(tokens)
-	past := cache.len
-	if n == 0 {
-		return nil, fmt.Errorf("forward: no tokens")
-	}
-	if past+n > cache.cap {
-		return nil, fmt.Errorf("forward: %d positions exceed the cache capacity %d", past+n, cache.cap)
-	}
-	x, err := r.Embed(tokens)
+	out, err := r.ForwardBatch(ctx, []*KVCache{cache}, [][]int{tokens}, allLogits)
 	if err != nil {
 		return nil, err
 	}
-	s := e.newScratch(n)
+	return out[0], nil
+}
+
+// ForwardBatch is Forward for several sequences at once, each with its own
+// cache: the projections run on all their rows together (one GEMM per
+// weight for the batch, which is what makes batched decoding pay), the
+// attention per sequence.
+func (r *Runner) ForwardBatch(ctx context.Context, caches []*KVCache, tokens [][]int, allLogits bool) ([][]float32, error) {
+	m := r.model
+	e := r.layer
+	if len(caches) != len(tokens) || len(caches) == 0 {
+		return nil, fmt.Errorf("forward: %d caches for %d sequences", len(caches), len(tokens))
+	}
+	segs := make([]segment, len(tokens))
+	var all []int
+	for i, t := range tokens {
+		c := caches[i]
+		if len(t) == 0 {
+			return nil, fmt.Errorf("forward: sequence %d has no tokens", i)
+		}
+		if len(c.layers) != len(m.Layers) {
+			return nil, fmt.Errorf("forward: cache of sequence %d has %d layers, the model %d", i, len(c.layers), len(m.Layers))
+		}
+		if c.len+len(t) > c.cap {
+			return nil, fmt.Errorf("forward: %d positions exceed the cache capacity %d", c.len+len(t), c.cap)
+		}
+		segs[i] = segment{past: c.len, n: len(t)}
+		all = append(all, t...)
+	}
+	x, err := r.Embed(all)
+	if err != nil {
+		return nil, err
+	}
+	s := &scratch{}
 	for li := range m.Layers {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		kAll := cache.k[li][:(past+n)*e.kStride]
-		vAll := cache.v[li][:(past+n)*e.vStride]
-		if err := e.step(&m.Layers[li], x, n, past, kAll, vAll, s, nil); err != nil {
+		for i := range segs {
+			segs[i].rows = caches[i].layers[li]
+		}
+		if err := e.step(&m.Layers[li], x, segs, s, nil); err != nil {
 			return nil, fmt.Errorf("layer %d: %w", li, err)
 		}
 	}
-	cache.len = past + n
-
 	D := m.Config.HiddenSize
-	if !allLogits {
-		x = x[(n-1)*D:]
-		n = 1
+	out := make([][]float32, len(tokens))
+	row := 0
+	for i, sg := range segs {
+		caches[i].len = sg.past + sg.n
+		hidden, rows := x[row*D:(row+sg.n)*D], sg.n
+		if !allLogits {
+			hidden, rows = hidden[(sg.n-1)*D:], 1
+		}
+		out[i] = Logits(e.be, m.Config, m.Norm, m.LMHead, hidden, rows)
+		row += sg.n
 	}
-	return Logits(e.be, m.Config, m.Norm, m.LMHead, x, n), nil
+	return out, nil
 }
 
 // LayerRunner runs single decoder layers on batches of independent
@@ -145,7 +219,7 @@ func NewLayerRunner(cfg model.Config, be kernels.Backend, seqLen int) (*LayerRun
 	if seqLen <= 0 {
 		return nil, fmt.Errorf("layer runner: sequence length %d must be positive", seqLen)
 	}
-	e, err := newLayerEngine(cfg, be, seqLen)
+	e, err := newLayerEngine(cfg, be, seqLen, PathAuto)
 	if err != nil {
 		return nil, err
 	}
@@ -167,16 +241,67 @@ func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float
 	if seqs < 0 || len(hidden) != seqs*T*D {
 		return fmt.Errorf("layer runner: %d hidden values for %d sequences of %d×%d", len(hidden), seqs, T, D)
 	}
-	s := e.newScratch(T)
-	k := make([]float32, T*e.kStride)
-	v := make([]float32, T*e.vStride)
+	s := &scratch{}
+	rows := kernels.NewRows(e.rowWidth, kernels.DefaultPageRows, kernels.RowF32)
 	for i := range seqs {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := e.step(l, hidden[i*T*D:(i+1)*T*D], T, 0, k, v, s, observe); err != nil {
+		rows.Truncate(0)
+		if err := e.step(l, hidden[i*T*D:(i+1)*T*D], []segment{{rows: rows, n: T}}, s, observe); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// CopyFrom makes c a copy of src, a cache of the same runner.
+func (c *KVCache) CopyFrom(src *KVCache) error {
+	if len(c.layers) != len(src.layers) || c.cap < src.len {
+		return fmt.Errorf("kv cache: copying %d layers × %d positions into %d layers × %d", len(src.layers), src.len, len(c.layers), c.cap)
+	}
+	for i, l := range c.layers {
+		if err := l.CopyFrom(src.layers[i]); err != nil {
+			return err
+		}
+	}
+	c.len = src.len
+	return nil
+}
+
+// AttentionProbe returns a function that runs layer li's decoding attention
+// kernel alone, once per call — one new query (random values) at the last
+// cached position against all of c's rows of that layer, as a decode step
+// does (absorbed for MLA) but without writing to the cache — and the bytes
+// of cache each call reads. Benchmarks time it against a memory copy.
+func (r *Runner) AttentionProbe(c *KVCache, li int) (run func(), bytes int64, err error) {
+	if li < 0 || li >= len(c.layers) || c.len == 0 {
+		return nil, 0, fmt.Errorf("attention probe: layer %d of %d, %d cached positions", li, len(c.layers), c.len)
+	}
+	e := r.layer
+	rows := c.layers[li]
+	a := e.gqa
+	if e.cfg.MLA != nil {
+		a = e.absorbed
+	}
+	q := make([][]float32, len(a.KeyOffsets))
+	out := make([][]float32, len(q))
+	for g := range q {
+		q[g] = make([]float32, a.PerPosition*a.KeyDim)
+		for j := range q[g] {
+			q[g][j] = float32(j%7) * 0.01
+		}
+		out[g] = make([]float32, a.PerPosition*a.ValueDim)
+	}
+	bytes = int64(c.len) * int64(rows.Width()*rows.DType().Bytes())
+	return func() { a.Attend(e.be, out, q, 1, c.len-1, rows) }, bytes, nil
+}
+
+// Truncate forgets the positions from n on, so that a benchmark or a
+// speculative step can run again from position n.
+func (c *KVCache) Truncate(n int) {
+	c.len = min(c.len, max(n, 0))
+	for _, l := range c.layers {
+		l.Truncate(c.len)
+	}
 }

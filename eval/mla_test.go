@@ -58,7 +58,7 @@ func (tc mlaCase) config() model.Config {
 
 // randomModel fills every tensor that model.Model.Tensors lists for cfg
 // with Gaussian values.
-func randomModel(t *testing.T, cfg model.Config, seed uint64) *model.Model {
+func randomModel(t testing.TB, cfg model.Config, seed uint64) *model.Model {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 2))
 	vec := func(n int, std float64) []float32 {
@@ -252,53 +252,65 @@ func maxRelErr[F float32 | float64](got []float32, want []F) float64 {
 
 var testTokens = []int{5, 17, 49, 0, 3, 3, 22, 41, 8, 30, 12, 7}
 
+// Both attention paths, absorbed and decompressed, against the float64
+// reference (which decompresses, as transformers does).
 func TestMLAForwardMatchesReference(t *testing.T) {
 	for i, tc := range mlaCases {
-		t.Run(tc.name, func(t *testing.T) {
-			m := randomModel(t, tc.config(), uint64(i))
-			r, err := NewRunner(m, kernels.Gonum{}, 32)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := r.Forward(context.Background(), r.NewCache(), testTokens, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if e := maxRelErr(got, referenceMLA(m, testTokens)); e > 1e-5 {
-				t.Errorf("logits differ from the float64 reference by %.3g (relative)", e)
-			}
-		})
-	}
-}
-
-func TestMLAIncrementalMatchesFullForward(t *testing.T) {
-	for i, tc := range mlaCases {
-		t.Run(tc.name, func(t *testing.T) {
-			m := randomModel(t, tc.config(), uint64(10+i))
-			r, err := NewRunner(m, kernels.Gonum{}, 16)
-			if err != nil {
-				t.Fatal(err)
-			}
-			full, err := r.Forward(context.Background(), r.NewCache(), testTokens, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			V := m.Config.VocabSize
-			cache := r.NewCache()
-			step, err := r.Forward(context.Background(), cache, testTokens[:5], false)
-			for n := 5; ; n++ {
+		for _, path := range []MLAPath{PathAbsorbed, PathDecompressed} {
+			t.Run(tc.name+"/"+path.String(), func(t *testing.T) {
+				m := randomModel(t, tc.config(), uint64(i))
+				r, err := NewRunnerWith(m, kernels.NewNative(), Options{MaxPositions: 32, MLAPath: path})
 				if err != nil {
 					t.Fatal(err)
 				}
-				if e := maxRelErr(step, full[(n-1)*V:n*V]); e > 1e-5 {
-					t.Fatalf("position %d: incremental logits differ by %.3g (relative)", n-1, e)
+				got, err := r.Forward(context.Background(), r.NewCache(), testTokens, true)
+				if err != nil {
+					t.Fatal(err)
 				}
-				if n == len(testTokens) {
-					break
+				if e := maxRelErr(got, referenceMLA(m, testTokens)); e > 1e-5 {
+					t.Errorf("logits differ from the float64 reference by %.3g (relative)", e)
 				}
-				step, err = r.Forward(context.Background(), cache, testTokens[n:n+1], false)
-			}
-		})
+			})
+		}
+	}
+}
+
+// Decoding one token at a time after a prompt, by either path, gives the
+// logits of one full forward pass.
+func TestMLAIncrementalMatchesFullForward(t *testing.T) {
+	for i, tc := range mlaCases {
+		for _, path := range []MLAPath{PathAbsorbed, PathDecompressed} {
+			t.Run(tc.name+"/"+path.String(), func(t *testing.T) {
+				testMLAIncremental(t, tc, uint64(10+i), path)
+			})
+		}
+	}
+}
+
+func testMLAIncremental(t *testing.T, tc mlaCase, seed uint64, path MLAPath) {
+	m := randomModel(t, tc.config(), seed)
+	r, err := NewRunnerWith(m, kernels.NewNative(), Options{MaxPositions: 16, MLAPath: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, err := r.Forward(context.Background(), r.NewCache(), testTokens, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	V := m.Config.VocabSize
+	cache := r.NewCache()
+	step, err := r.Forward(context.Background(), cache, testTokens[:5], false)
+	for n := 5; ; n++ {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e := maxRelErr(step, full[(n-1)*V:n*V]); e > 1e-5 {
+			t.Fatalf("position %d: incremental logits differ by %.3g (relative)", n-1, e)
+		}
+		if n == len(testTokens) {
+			break
+		}
+		step, err = r.Forward(context.Background(), cache, testTokens[n:n+1], false)
 	}
 }
 

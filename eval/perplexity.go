@@ -29,6 +29,8 @@ type PerplexityResult struct {
 	Seconds       float64 `json:"seconds"`
 	// TokensPerSecond counts every token run through the model (windows × ctx).
 	TokensPerSecond float64 `json:"tokens_per_second"`
+	// KVCacheBytesAllocated is the memory the run's cache pages held.
+	KVCacheBytesAllocated int64 `json:"kv_cache_bytes_allocated"`
 }
 
 // Perplexity scores ids with the protocol of the reference figures: cut into
@@ -72,6 +74,7 @@ func Perplexity(ctx context.Context, r *Runner, ids []int, opt PerplexityOptions
 		}
 	}
 	res.Seconds = time.Since(start).Seconds()
+	res.KVCacheBytesAllocated = cache.BytesAllocated()
 	res.Windows = windows
 	res.TokensScored = windows * (opt.Ctx - 1)
 	res.TokensForward = windows * opt.Ctx

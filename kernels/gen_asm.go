@@ -35,6 +35,11 @@ func main() {
 	transposeAVX512()
 	expKernels()
 	axpyAVX512()
+	widenBF16AVX512()
+	for rows := 1; rows <= 4; rows++ {
+		scoresAVX512(rows)
+		weightedSumAVX512(rows)
+	}
 	if err := os.WriteFile("kernels_amd64.s", out.Bytes(), 0o644); err != nil {
 		panic(err)
 	}
@@ -639,6 +644,228 @@ func axpyAVX512() {
 	p("VFMADD231PS Z1, Z19, Z0")
 	p("VMOVUPS Z0, K1, (DI)")
 	label("axpy_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// widenBF16AVX512 emits
+//
+//	func widenBF16AVX512(n int, src *uint16, dst *float32) // n a multiple of 16
+//
+// which turns bfloat16 values into float32 by moving each into the high half
+// of a 32-bit lane: the cache rows of attention are read through it.
+func widenBF16AVX512() {
+	fmt.Fprintf(&out, "// func widenBF16AVX512(n int, src *uint16, dst *float32)\n")
+	fmt.Fprintf(&out, "TEXT ·widenBF16AVX512(SB), NOSPLIT, $0-24\n")
+	p("MOVQ n+0(FP), CX")
+	p("MOVQ src+8(FP), SI")
+	p("MOVQ dst+16(FP), DI")
+	p("CMPQ CX, $64")
+	p("JLT widen_16")
+	label("widen_loop64")
+	for u := range 4 {
+		p("VPMOVZXWD %d(SI), Z%d", 32*u, u)
+		p("VPSLLD $16, Z%d, Z%d", u, u)
+		p("VMOVDQU32 Z%d, %d(DI)", u, 64*u)
+	}
+	p("ADDQ $128, SI")
+	p("ADDQ $256, DI")
+	p("SUBQ $64, CX")
+	p("CMPQ CX, $64")
+	p("JGE widen_loop64")
+	label("widen_16")
+	p("CMPQ CX, $16")
+	p("JLT widen_done")
+	p("VPMOVZXWD (SI), Z0")
+	p("VPSLLD $16, Z0, Z0")
+	p("VMOVDQU32 Z0, (DI)")
+	p("ADDQ $32, SI")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("JMP widen_16")
+	label("widen_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// scoresAVX512 emits, for rows = 1…4,
+//
+//	func scoresRxAVX512(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)
+//
+// out[r·ldo+j] = Σ_p q[r·ldq+p]·keys[j·ldk+p] for r < rows, j < 4: a block
+// of attention scores, rows queries against four cached keys. Every key
+// chunk loaded is used by all rows and every query chunk by all keys,
+// which halves the loads per multiply-add of one-row products.
+func scoresAVX512(rows int) {
+	name := fmt.Sprintf("scores%dxAVX512", rows)
+	fmt.Fprintf(&out, "// func %s(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
+	p("MOVQ k+0(FP), CX")
+	p("MOVQ q+8(FP), SI")
+	p("MOVQ ldq+16(FP), DX")
+	p("SHLQ $2, DX")
+	p("MOVQ keys+24(FP), R8")
+	p("MOVQ ldk+32(FP), BX")
+	p("SHLQ $2, BX")
+	qReg := []string{"SI", "R12", "R13", "R14"}
+	for r := 1; r < rows; r++ {
+		p("LEAQ (%s)(DX*1), %s", qReg[r-1], qReg[r])
+	}
+	kReg := []string{"R8", "R9", "R10", "R11"}
+	for j := 1; j < 4; j++ {
+		p("LEAQ (%s)(BX*1), %s", kReg[j-1], kReg[j])
+	}
+	acc := func(r, j int) int { return r*4 + j }
+	for i := range rows * 4 {
+		p("VPXORD Z%d, Z%d, Z%d", i, i, i)
+	}
+	step := func(masked bool) {
+		for r := range rows {
+			if masked {
+				p("VMOVUPS.Z (%s), K1, Z%d", qReg[r], 16+r)
+			} else {
+				p("VMOVUPS (%s), Z%d", qReg[r], 16+r)
+			}
+		}
+		for j := range 4 {
+			if masked {
+				p("VMOVUPS.Z (%s), K1, Z20", kReg[j])
+			} else {
+				p("VMOVUPS (%s), Z20", kReg[j])
+			}
+			for r := range rows {
+				p("VFMADD231PS Z20, Z%d, Z%d", 16+r, acc(r, j))
+			}
+		}
+	}
+	p("CMPQ CX, $16")
+	p("JLT %s_tail", name)
+	label(name + "_loop")
+	step(false)
+	for r := range rows {
+		p("ADDQ $64, %s", qReg[r])
+	}
+	for j := range 4 {
+		p("ADDQ $64, %s", kReg[j])
+	}
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE %s_loop", name)
+	label(name + "_tail")
+	p("TESTQ CX, CX")
+	p("JEQ %s_reduce", name)
+	tailMask()
+	step(true)
+	label(name + "_reduce")
+	p("MOVQ out+40(FP), DI")
+	p("MOVQ ldo+48(FP), DX")
+	p("SHLQ $2, DX")
+	for r := range rows {
+		// Four 512-bit sums → four 256-bit → one 128-bit vector of the
+		// row's four scores.
+		for j := range 4 {
+			a := acc(r, j)
+			p("VEXTRACTF64X4 $1, Z%d, Y20", a)
+			p("VADDPS Y20, Y%d, Y%d", a, a)
+		}
+		a0, a1, a2, a3 := acc(r, 0), acc(r, 1), acc(r, 2), acc(r, 3)
+		p("VHADDPS Y%d, Y%d, Y%d", a1, a0, a0)
+		p("VHADDPS Y%d, Y%d, Y%d", a3, a2, a2)
+		p("VHADDPS Y%d, Y%d, Y%d", a2, a0, a0)
+		// The row's other accumulators are free now; X16 and up have no
+		// VEX encoding.
+		p("VEXTRACTF128 $1, Y%d, X%d", a0, a1)
+		p("VADDPS X%d, X%d, X%d", a1, a0, a0)
+		p("VMOVUPS X%d, (DI)", a0)
+		p("ADDQ DX, DI")
+	}
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// weightedSumAVX512 emits, for rows = 1…4,
+//
+//	func wsumRxAVX512(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)
+//
+// o[r·ldo+j] += Σ_t w[r·ldw+t]·v[t·ldv+j] for r < rows, t < 4, j < n: the
+// attention weights of rows queries applied to four cached values. The 4·rows
+// weights stay in registers while the output rows are swept once.
+func weightedSumAVX512(rows int) {
+	name := fmt.Sprintf("wsum%dxAVX512", rows)
+	fmt.Fprintf(&out, "// func %s(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
+	p("MOVQ n+0(FP), CX")
+	p("MOVQ w+8(FP), SI")
+	p("MOVQ ldw+16(FP), DX")
+	p("SHLQ $2, DX")
+	for r := range rows {
+		for t := range 4 {
+			p("VBROADCASTSS %d(SI), Z%d", 4*t, 16+4*r+t)
+		}
+		if r+1 < rows {
+			p("ADDQ DX, SI")
+		}
+	}
+	p("MOVQ v+24(FP), R8")
+	p("MOVQ ldv+32(FP), BX")
+	p("SHLQ $2, BX")
+	vReg := []string{"R8", "R9", "R10", "R11"}
+	for t := 1; t < 4; t++ {
+		p("LEAQ (%s)(BX*1), %s", vReg[t-1], vReg[t])
+	}
+	p("MOVQ o+40(FP), DI")
+	p("MOVQ ldo+48(FP), DX")
+	p("SHLQ $2, DX")
+	oReg := []string{"DI", "R12", "R13", "R14"}
+	for r := 1; r < rows; r++ {
+		p("LEAQ (%s)(DX*1), %s", oReg[r-1], oReg[r])
+	}
+	step := func(masked bool) {
+		for t := range 4 {
+			if masked {
+				p("VMOVUPS.Z (%s), K1, Z%d", vReg[t], t)
+			} else {
+				p("VMOVUPS (%s), Z%d", vReg[t], t)
+			}
+		}
+		for r := range rows {
+			if masked {
+				p("VMOVUPS.Z (%s), K1, Z%d", oReg[r], 4+r)
+			} else {
+				p("VMOVUPS (%s), Z%d", oReg[r], 4+r)
+			}
+			for t := range 4 {
+				p("VFMADD231PS Z%d, Z%d, Z%d", t, 16+4*r+t, 4+r)
+			}
+			if masked {
+				p("VMOVUPS Z%d, K1, (%s)", 4+r, oReg[r])
+			} else {
+				p("VMOVUPS Z%d, (%s)", 4+r, oReg[r])
+			}
+		}
+	}
+	p("CMPQ CX, $16")
+	p("JLT %s_tail", name)
+	label(name + "_loop")
+	step(false)
+	for t := range 4 {
+		p("ADDQ $64, %s", vReg[t])
+	}
+	for r := range rows {
+		p("ADDQ $64, %s", oReg[r])
+	}
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE %s_loop", name)
+	label(name + "_tail")
+	p("TESTQ CX, CX")
+	p("JEQ %s_done", name)
+	tailMask()
+	step(true)
+	label(name + "_done")
 	p("VZEROUPPER")
 	p("RET")
 	out.WriteString("\n")

@@ -142,3 +142,117 @@ func axpySIMD(a float32, x, y []float32) bool {
 	axpyAVX512(len(x), a, &x[0], &y[0])
 	return true
 }
+
+//go:noescape
+func widenBF16AVX512(n int, src *uint16, dst *float32)
+
+// widenBF16SIMD widens the longest multiple of 16 values of src into dst in
+// vector code and returns how many it did (0 without AVX-512).
+func widenBF16SIMD(dst []float32, src []uint16) int {
+	n := len(src) &^ 15
+	if !hasAVX512 || n == 0 {
+		return 0
+	}
+	_ = dst[n-1]
+	widenBF16AVX512(n, &src[0], &dst[0])
+	return n
+}
+
+// maxSIMD is the largest value of a non-empty x in vector code, or false
+// when the CPU has none for it.
+func maxSIMD(x []float32) (float32, bool) {
+	if !hasAVX512 {
+		return 0, false
+	}
+	return maxAVX512(&x[0], len(x)), true
+}
+
+// expSubSIMD replaces a non-empty x by e^{x−m} and returns the sum, in
+// vector code, or false when the CPU has none for it.
+func expSubSIMD(x []float32, m float32) (float32, bool) {
+	if !hasAVX512 {
+		return 0, false
+	}
+	return expSumAVX512(&x[0], len(x), m), true
+}
+
+// scaleSIMD multiplies a non-empty x by s in vector code, or reports false
+// when the CPU has none for it.
+func scaleSIMD(x []float32, s float32) bool {
+	if !hasAVX512 {
+		return false
+	}
+	scaleAVX512(&x[0], len(x), s)
+	return true
+}
+
+//go:noescape
+func scores1xAVX512(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores2xAVX512(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores3xAVX512(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores4xAVX512(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)
+
+//go:noescape
+func wsum1xAVX512(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum2xAVX512(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum3xAVX512(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum4xAVX512(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)
+
+// scoresBlockSIMD writes out[r·ldo+j] = q_r·key_j for rows ≤ 4 query rows
+// of k values (stride ldq) and four keys (stride ldk), or reports false
+// when the CPU has no vector code for it. The caller checks the bounds.
+func scoresBlockSIMD(rows, k int, q []float32, ldq int, keys []float32, ldk int, out []float32, ldo int) bool {
+	if !hasAVX512 {
+		return false
+	}
+	_, _, _ = q[(rows-1)*ldq+k-1], keys[3*ldk+k-1], out[(rows-1)*ldo+3]
+	switch rows {
+	case 1:
+		scores1xAVX512(k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	case 2:
+		scores2xAVX512(k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	case 3:
+		scores3xAVX512(k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	default:
+		scores4xAVX512(k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	}
+	return true
+}
+
+// wsumBlockSIMD adds to each of rows ≤ 4 output rows of n values (stride
+// ldo) the weighted sum of four value rows (stride ldv) with that row's
+// four weights (stride ldw), or reports false when the CPU has no vector
+// code for it.
+func wsumBlockSIMD(rows, n int, w []float32, ldw int, v []float32, ldv int, o []float32, ldo int) bool {
+	if !hasAVX512 {
+		return false
+	}
+	_, _, _ = w[(rows-1)*ldw+3], v[3*ldv+n-1], o[(rows-1)*ldo+n-1]
+	switch rows {
+	case 1:
+		wsum1xAVX512(n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	case 2:
+		wsum2xAVX512(n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	case 3:
+		wsum3xAVX512(n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	default:
+		wsum4xAVX512(n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	}
+	return true
+}
+
+// smallBlocksSIMD reports whether scoresBlockSIMD and wsumBlockSIMD have
+// vector code on this CPU.
+func smallBlocksSIMD() bool { return hasAVX512 }

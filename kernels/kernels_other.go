@@ -12,3 +12,21 @@ func swigluSIMD(gate, up []float32) bool { return false }
 func expRowSIMD(x []float32) bool { return false }
 
 func axpySIMD(a float32, x, y []float32) bool { return false }
+
+func widenBF16SIMD(dst []float32, src []uint16) int { return 0 }
+
+func maxSIMD(x []float32) (float32, bool) { return 0, false }
+
+func expSubSIMD(x []float32, m float32) (float32, bool) { return 0, false }
+
+func scaleSIMD(x []float32, s float32) bool { return false }
+
+func scoresBlockSIMD(rows, k int, q []float32, ldq int, keys []float32, ldk int, out []float32, ldo int) bool {
+	return false
+}
+
+func wsumBlockSIMD(rows, n int, w []float32, ldw int, v []float32, ldv int, o []float32, ldo int) bool {
+	return false
+}
+
+func smallBlocksSIMD() bool { return false }

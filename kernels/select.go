@@ -117,6 +117,10 @@ func (a *Auto) Gemm(transA, transB bool, m, n, k int, alpha float32, A []float32
 // threads and would disturb its timings.
 func (a *Auto) serial() Backend { return a.native.serial() }
 
+// Serial returns the single-goroutine view of be, for callers that already
+// run one product per core; be itself when it has none.
+func Serial(be Backend) Backend { return serialBackend(be) }
+
 // serialBackend returns the single-goroutine view of be when it has one.
 func serialBackend(be Backend) Backend {
 	if s, ok := be.(interface{ serial() Backend }); ok {

@@ -119,11 +119,30 @@ func LoadConfig(path string) (Config, error) {
 	if st, err := os.Stat(path); err == nil && st.IsDir() {
 		path = filepath.Join(path, "config.json")
 	}
-	data, err := os.ReadFile(path)
+	data, err := readConfigFile(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("read model config: %w", err)
 	}
 	return ParseConfig(path, data)
+}
+
+// maxConfigSize bounds config.json; real ones are a few kilobytes.
+const maxConfigSize = 16 << 20
+
+// readConfigFile reads path, refusing what cannot be a config.json: a
+// FIFO or device, which could block or never end, or a huge file.
+func readConfigFile(path string) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	if fi.Size() > maxConfigSize {
+		return nil, fmt.Errorf("%s is %d bytes, over the %d-byte limit for a config", path, fi.Size(), maxConfigSize)
+	}
+	return os.ReadFile(path)
 }
 
 // ParseConfig parses config.json bytes; name is used in error messages.
@@ -236,6 +255,25 @@ func jsonKind(t reflect.Type) string {
 	}
 }
 
+// oneLine returns the raw JSON value v compacted onto one line, as error
+// messages quote it (the CLI prints errors as one line).
+func oneLine(v json.RawMessage) string {
+	var b bytes.Buffer
+	if err := json.Compact(&b, v); err != nil {
+		return fmt.Sprintf("%q", v)
+	}
+	return b.String()
+}
+
+// jsonValue formats a decoded JSON value as JSON, on one line.
+func jsonValue(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprintf("%q", fmt.Sprint(v))
+	}
+	return string(b)
+}
+
 // parseIDs accepts null, a number or a list of numbers.
 func parseIDs(raw json.RawMessage) ([]int, error) {
 	if len(raw) == 0 || string(raw) == "null" {
@@ -247,7 +285,7 @@ func parseIDs(raw json.RawMessage) ([]int, error) {
 	}
 	var many []int
 	if err := json.Unmarshal(raw, &many); err != nil {
-		return nil, fmt.Errorf("want an integer or a list of integers, got %s", raw)
+		return nil, fmt.Errorf("want an integer or a list of integers, got %s", oneLine(raw))
 	}
 	return many, nil
 }
@@ -269,7 +307,7 @@ func (r *rawConfig) ropeParams(headDim int) (rope.Params, error) {
 		if t, ok := r.RopeParameters["rope_theta"]; ok {
 			v, ok := t.(float64)
 			if !ok {
-				return p, fmt.Errorf("rope_parameters.rope_theta: want a number, got %v", t)
+				return p, fmt.Errorf("rope_parameters.rope_theta: want a number, got %s", jsonValue(t))
 			}
 			p.Theta = v
 		}
@@ -307,7 +345,7 @@ func parseScaling(m map[string]any) (rope.Scaling, error) {
 		}
 		f, ok := v.(float64)
 		if !ok {
-			return fmt.Errorf("rope scaling %q: want a number, got %v", key, v)
+			return fmt.Errorf("rope scaling %q: want a number, got %s", key, jsonValue(v))
 		}
 		*dst = f
 		return nil

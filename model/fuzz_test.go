@@ -1,10 +1,13 @@
 package model
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 // FuzzParseConfig feeds arbitrary bytes to the config parser: it must
-// return a config or an error, never panic, and an accepted config must
-// satisfy the invariants the forward pass relies on.
+// return a config or a one-line error naming the file, never panic, and an
+// accepted config must satisfy the invariants the forward pass relies on.
 func FuzzParseConfig(f *testing.F) {
 	for _, seed := range []string{
 		`{` + llamaBase + `}`,
@@ -21,6 +24,10 @@ func FuzzParseConfig(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConfig("config.json", data)
 		if err != nil {
+			// The CLI prints errors as one line naming the file.
+			if msg := err.Error(); !strings.HasPrefix(msg, "config.json: ") || strings.Contains(msg, "\n") {
+				t.Fatalf("error %q is not one line naming the file", msg)
+			}
 			return
 		}
 		if c.NumKVHeads <= 0 || c.NumHeads%c.NumKVHeads != 0 || c.HeadDim <= 0 || c.Rope.Dim <= 0 || c.Rope.Dim > c.HeadDim || c.Rope.Dim%2 != 0 {

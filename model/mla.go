@@ -96,7 +96,7 @@ const (
 
 func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 	if q := bytes.TrimSpace(raw.QLoraRank); len(q) > 0 && string(q) != "null" {
-		return fmt.Errorf("q_lora_rank %s: only q_lora_rank null (one full q_proj) is supported", q)
+		return fmt.Errorf("q_lora_rank %s: only q_lora_rank null (one full q_proj) is supported", oneLine(q))
 	}
 	if c.NumKVHeads != c.NumHeads {
 		return fmt.Errorf("num_key_value_heads %d must equal num_attention_heads %d (DeepSeek-V3 convention)", c.NumKVHeads, c.NumHeads)
@@ -106,7 +106,7 @@ func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 		experts = 0 // null: no experts
 		if string(e) != "null" {
 			if err := json.Unmarshal(e, &experts); err != nil {
-				return fmt.Errorf("n_routed_experts: want an integer or null, got %s", e)
+				return fmt.Errorf("n_routed_experts: want an integer or null, got %s", oneLine(e))
 			}
 		}
 	}

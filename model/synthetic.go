@@ -29,6 +29,12 @@ type SyntheticSpec struct {
 	DType safetensors.DType
 	// Seed makes the weights reproducible.
 	Seed uint64
+	// Spectra gives the attention projections the decaying, head-overlapping
+	// spectra of trained models (see SyntheticLlama8B) instead of independent
+	// rows, and draws every tensor lazily, in parallel, from random streams
+	// of its own, so that checkpoints of billions of weights are written
+	// in one pass with one tensor in memory. It changes every weight.
+	Spectra bool
 }
 
 // DefaultSynthetic is the built-in default checkpoint: a Llama with 4 query
@@ -84,6 +90,9 @@ func WriteSynthetic(ctx context.Context, dir string, spec SyntheticSpec) error {
 		return err
 	}
 
+	if spec.Spectra {
+		return writeSpectra(ctx, dir, spec)
+	}
 	rng := rand.New(rand.NewPCG(spec.Seed, 0x7472616e736d6c61))
 	var specs []safetensors.TensorSpec
 	add := func(name string, shape []int, data []float32) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/transmla/transmla/safetensors"
@@ -81,8 +82,10 @@ type Reader struct {
 }
 
 // OpenReader reads dir's config.json and opens its safetensors files,
-// checking only what needs no tensor data: that the layer count is
-// plausible and that layer 0's q_proj (which gives the storage dtype) exists.
+// checking what needs no tensor data: that every tensor config.json implies
+// exists with its shape and a float dtype, and, for GQA, that no layer
+// beyond num_hidden_layers is stored. Non-finite values are found as
+// tensors are read.
 func OpenReader(dir string) (*Reader, error) {
 	cfg, err := LoadConfig(dir)
 	if err != nil {
@@ -98,12 +101,43 @@ func OpenReader(dir string) (*Reader, error) {
 		ckpt.Close()
 		return nil, fmt.Errorf("config.json: num_hidden_layers %d exceeds the %d tensors of checkpoint %s", cfg.NumLayers, len(ckpt.Names()), strings.Join(ckpt.Files(), ", "))
 	}
-	dt, ok := AttentionDType(ckpt)
-	if !ok {
-		ckpt.Close()
-		return nil, fmt.Errorf("checkpoint %s: tensor %q is missing (config.json implies it exists)", strings.Join(ckpt.Files(), ", "), "model.layers.0.self_attn.q_proj.weight")
+	if cfg.MLA == nil {
+		// Weights of layers config.json does not count would be dropped
+		// silently. (DeepSeek-V3 stores its multi-token-prediction module
+		// as an extra layer, so MLA checkpoints are exempt.)
+		if name, ok := beyondLayers(ckpt.Names(), cfg.NumLayers); ok {
+			ckpt.Close()
+			return nil, fmt.Errorf("checkpoint %s: tensor %q belongs to a layer beyond config.json's num_hidden_layers %d", strings.Join(ckpt.Files(), ", "), name, cfg.NumLayers)
+		}
 	}
-	return &Reader{cfg: cfg, ckpt: ckpt, dtype: dt}, nil
+	r := &Reader{cfg: cfg, ckpt: ckpt}
+	// Checking every header now makes a missing or misshapen tensor of the
+	// last layer fail at once, not after the layers before it were read.
+	for _, req := range r.allReqs(&Model{Layers: make([]Layer, cfg.NumLayers)}) {
+		if _, err := checkTensor(ckpt, req); err != nil {
+			ckpt.Close()
+			return nil, err
+		}
+	}
+	r.dtype, _ = AttentionDType(ckpt) // layer 0's q_proj was just checked
+	return r, nil
+}
+
+// beyondLayers returns the first of names that is a tensor of decoder
+// layer n or a later one.
+func beyondLayers(names []string, n int) (string, bool) {
+	const prefix = "model.layers."
+	for _, name := range names {
+		rest, ok := strings.CutPrefix(name, prefix)
+		if !ok {
+			continue
+		}
+		idx, _, _ := strings.Cut(rest, ".")
+		if i, err := strconv.Atoi(idx); err == nil && i >= n {
+			return name, true
+		}
+	}
+	return "", false
 }
 
 // Config is the checkpoint's parsed config.json.
@@ -158,20 +192,26 @@ func (r *Reader) Layer(ctx context.Context, i int) (*Layer, error) {
 func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Model, error) {
 	cfg := r.cfg
 	m := &Model{Config: cfg, Layers: make([]Layer, cfg.NumLayers), StorageDType: r.dtype}
-	reqs := []tensorReq{embedReq(r.cfg, &m.Embed), normReq(r.cfg, &m.Norm)}
-	if !cfg.TieWordEmbeddings {
-		reqs = append(reqs, headReq(r.cfg, &m.LMHead.W))
-	}
-	for i := range m.Layers {
-		reqs = append(reqs, layerReqs(r.cfg, i, &m.Layers[i])...)
-	}
-	if err := r.read(ctx, reqs, progress); err != nil {
+	if err := r.read(ctx, r.allReqs(m), progress); err != nil {
 		return nil, err
 	}
 	if cfg.TieWordEmbeddings {
 		m.LMHead.W = m.Embed
 	}
 	return m, nil
+}
+
+// allReqs lists every tensor of the model, to be read into m, whose
+// Layers must have cfg.NumLayers entries.
+func (r *Reader) allReqs(m *Model) []tensorReq {
+	reqs := []tensorReq{embedReq(r.cfg, &m.Embed), normReq(r.cfg, &m.Norm)}
+	if !r.cfg.TieWordEmbeddings {
+		reqs = append(reqs, headReq(r.cfg, &m.LMHead.W))
+	}
+	for i := range m.Layers {
+		reqs = append(reqs, layerReqs(r.cfg, i, &m.Layers[i])...)
+	}
+	return reqs
 }
 
 // tensorReq is one tensor the model needs, with the shape config.json implies.
@@ -251,13 +291,30 @@ func (r *Reader) read(ctx context.Context, reqs []tensorReq, progress func(done,
 	return nil
 }
 
-func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
+// checkTensor checks that the tensor r asks for exists with r's shape and
+// a float dtype, from the header alone, and returns where it is stored.
+func checkTensor(ckpt *safetensors.Checkpoint, r tensorReq) (safetensors.TensorInfo, error) {
 	info, ok := ckpt.Info(r.name)
 	if !ok {
-		return nil, fmt.Errorf("checkpoint %s: tensor %q is missing (config.json implies it exists)", strings.Join(ckpt.Files(), ", "), r.name)
+		return info, fmt.Errorf("checkpoint %s: tensor %q is missing (config.json implies it exists)", strings.Join(ckpt.Files(), ", "), r.name)
 	}
 	if !slices.Equal(info.Shape, r.shape) {
-		return nil, fmt.Errorf("checkpoint %s: tensor %q has shape %v, config.json implies %v", info.File, r.name, info.Shape, r.shape)
+		return info, fmt.Errorf("checkpoint %s: tensor %q has shape %v, config.json implies %v", info.File, r.name, info.Shape, r.shape)
+	}
+	// Float32 would also decode I64; integer data where a weight belongs
+	// means a corrupt or mislabelled file, not weights.
+	switch info.DType {
+	case safetensors.BF16, safetensors.F16, safetensors.F32, safetensors.F64:
+	default:
+		return info, fmt.Errorf("checkpoint %s: tensor %q has dtype %s, want a float dtype (BF16, F16, F32 or F64)", info.File, r.name, info.DType)
+	}
+	return info, nil
+}
+
+func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
+	info, err := checkTensor(ckpt, r)
+	if err != nil {
+		return nil, err
 	}
 	data, err := ckpt.Float32(r.name)
 	if err != nil {

@@ -18,3 +18,6 @@ func mapFile(*os.File, int64) ([]byte, error) {
 func unmapFile([]byte) error {
 	return nil
 }
+
+// releaseMapped exists only to satisfy the reader's calls, like unmapFile.
+func releaseMapped([]byte, int64, int64) {}

@@ -11,10 +11,12 @@ package safetensors
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 )
@@ -174,8 +176,13 @@ func (s *shard) readAt(p []byte, off int64) error {
 		copy(p, s.mem[off:])
 		return nil
 	}
-	_, err := s.f.ReadAt(p, off)
-	return err
+	if _, err := s.f.ReadAt(p, off); err != nil {
+		if errors.Is(err, io.EOF) {
+			return fmt.Errorf("the file shrank since it was opened: %w", io.ErrUnexpectedEOF)
+		}
+		return err
+	}
+	return nil
 }
 
 // close releases the mapping or file of s.
@@ -256,7 +263,9 @@ func (c *Checkpoint) lookup(name string) (*tensor, error) {
 
 // Raw returns the stored bytes of the named tensor. When the file is memory
 // mapped the result is a view of the read-only mapping, valid until Close;
-// writing to it crashes the program. Otherwise it is a new slice.
+// writing to it crashes the program, and so does reading it after another
+// process truncated the file (Float32 and ReadFloat32 report that as an
+// error instead). Otherwise it is a new slice.
 func (c *Checkpoint) Raw(name string) ([]byte, error) {
 	t, err := c.lookup(name)
 	if err != nil {
@@ -316,8 +325,13 @@ func (t *tensor) readFloat32(dst []float32) error {
 	dt := t.info.DType
 	size, _ := dtypeSize(dt)
 	if m := t.shard.mem; m != nil {
-		if err := DecodeToFloat32(dst, m[t.off:t.off+t.info.Bytes], dt); err != nil {
+		if err := decodeMapped(dst, m[t.off:t.off+t.info.Bytes], dt); err != nil {
 			return t.readError(err)
+		}
+		if t.shard.mapped {
+			// Decoded tensors are rarely read again; their pages would
+			// otherwise make the resident size grow with the checkpoint.
+			releaseMapped(m, t.off, t.info.Bytes)
 		}
 		return nil
 	}
@@ -334,6 +348,26 @@ func (t *tensor) readFloat32(dst []float32) error {
 		}
 	}
 	return nil
+}
+
+// decodeMapped is DecodeToFloat32 on memory-mapped src. Where the file
+// shrank since it was mapped (truncated or overwritten in place by another
+// process) or its storage fails, touching src faults (SIGBUS); that becomes
+// an error here instead of a crash.
+func decodeMapped(dst []float32, src []byte, dt DType) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		if fault, ok := r.(interface{ Addr() uintptr }); ok {
+			err = fmt.Errorf("the file shrank or could not be read since it was opened (memory fault at %#x)", fault.Addr())
+			return
+		}
+		panic(r)
+	}()
+	return DecodeToFloat32(dst, src, dt)
 }
 
 func (t *tensor) readError(err error) error {

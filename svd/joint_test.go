@@ -188,11 +188,51 @@ func TestFactorRejectsBadInput(t *testing.T) {
 		{"moment size", p, Options{Rank: 1, Moment: []float64{1}}},
 		{"weight size", p, Options{Rank: 1, Weight: []float64{1}}},
 		{"zero weight", p, Options{Rank: 1, Weight: make([]float64, 4)}},
+		{"NaN weight", p, Options{Rank: 1, Weight: []float64{1, 0, 0, math.NaN()}}},
+		{"NaN W", Problem{Rows: 2, In: 2, W: []float64{1, math.NaN(), 3, 4}}, Options{Rank: 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := Factor(tc.p, tc.o); err == nil {
 				t.Fatal("no error")
 			}
 		})
+	}
+}
+
+// A truncated high-rank factorization must reach the same objective as a
+// fresh factorization at the lower rank, and its energies must be sorted.
+func TestTruncateMatchesLowerRankFactor(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	p := randProblem(rng, 24, 16, true)
+	moment := randMoment(rng, 16, 200)
+	weight := randPSD(rng, 24)
+	high, err := Factor(p, Options{Rank: 20, Moment: moment, Weight: weight})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i < len(high.Energy); i++ {
+		if high.Energy[i] > high.Energy[i-1] {
+			t.Fatalf("energy not decreasing at %d: %v", i, high.Energy)
+		}
+	}
+	for _, k := range []int{1, 5, 12, 20} {
+		cut, err := high.Truncate(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := Factor(p, Options{Rank: k, Moment: moment, Weight: weight})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, want := weightedError(cut, p, moment, weight), weightedError(fresh, p, moment, weight)
+		if math.Abs(got-want) > 1e-9*(1+want) {
+			t.Errorf("rank %d: truncated error %v, fresh %v", k, got, want)
+		}
+		if math.Abs(cut.Retained-fresh.Retained) > 1e-12 {
+			t.Errorf("rank %d: retained %v vs %v", k, cut.Retained, fresh.Retained)
+		}
+	}
+	if _, err := high.Truncate(21); err == nil {
+		t.Error("truncating above the rank succeeded")
 	}
 }

@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -116,7 +117,11 @@ func parseMerge(raw json.RawMessage) (left, right string, err error) {
 	}
 	var pair []string
 	if err := json.Unmarshal(raw, &pair); err != nil || len(pair) != 2 {
-		return "", "", fmt.Errorf("%s is neither \"left right\" nor [\"left\", \"right\"]", raw)
+		// Compacted, the entry prints on one line; it is one element of a
+		// decoded array, so valid JSON.
+		var one bytes.Buffer
+		json.Compact(&one, raw)
+		return "", "", fmt.Errorf("%s is neither \"left right\" nor [\"left\", \"right\"]", one.Bytes())
 	}
 	return pair[0], pair[1], nil
 }

@@ -51,6 +51,9 @@ func splitMatcher(tok *Tokenizer) matcher {
 	return tok.pre.(sequencePre)[0].(splitPre).match
 }
 
+// FuzzParse feeds arbitrary bytes to the tokenizer.json parser: it must
+// return a tokenizer or a one-line error naming the file, never panic, and
+// an accepted tokenizer must encode and decode any text.
 func FuzzParse(f *testing.F) {
 	f.Add(byteLevelSpec().json(f))
 	f.Add(sentencePieceSpec().json(f))
@@ -59,6 +62,10 @@ func FuzzParse(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		tok, err := Parse("fuzz.json", data)
 		if err != nil {
+			// The CLI prints errors as one line naming the file.
+			if msg := err.Error(); !strings.HasPrefix(msg, "fuzz.json: ") || strings.Contains(msg, "\n") {
+				t.Fatalf("error %q is not one line naming the file", msg)
+			}
 			return
 		}
 		for _, text := range []string{sample, string(data)} {

@@ -40,11 +40,31 @@ type vocabEntry struct {
 
 // Load reads a Hugging Face tokenizer.json file.
 func Load(path string) (*Tokenizer, error) {
-	data, err := os.ReadFile(path)
+	data, err := readTokenizerFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("load tokenizer: %w", err)
 	}
 	return Parse(path, data)
+}
+
+// maxFileSize bounds tokenizer.json; the largest real ones are tens of
+// megabytes.
+const maxFileSize = 512 << 20
+
+// readTokenizerFile reads path, refusing what cannot be a tokenizer.json:
+// a FIFO or device, which could block or never end, or a huge file.
+func readTokenizerFile(path string) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	if fi.Size() > maxFileSize {
+		return nil, fmt.Errorf("%s is %d bytes, over the %d-byte limit for a tokenizer", path, fi.Size(), maxFileSize)
+	}
+	return os.ReadFile(path)
 }
 
 // Parse is Load on bytes already in memory (name is used in error messages).

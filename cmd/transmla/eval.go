@@ -19,8 +19,12 @@ type evalReport struct {
 	KVCacheBytesPerToken  int64  `json:"kv_cache_bytes_per_token"`
 	KVCacheBytesAtCtx     int64  `json:"kv_cache_bytes_at_ctx"`
 	KVCacheDType          string `json:"kv_cache_dtype"`
-	Backend               string `json:"backend"`
-	Threads               int    `json:"threads"`
+	// CacheDTypeUsed is the dtype this run's cache held its rows in; its
+	// bytes are PerplexityResult.KVCacheBytesAllocated.
+	CacheDTypeUsed string `json:"kv_cache_dtype_used"`
+	MLAPath        string `json:"mla_path,omitempty"`
+	Backend        string `json:"backend"`
+	Threads        int    `json:"threads"`
 }
 
 func evalCommand() *cli.Command {
@@ -37,6 +41,8 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			&cli.StringFlag{Name: "data", Usage: "text file to score (required; e.g. wiki.test.raw)"},
 			&cli.IntFlag{Name: "ctx", Usage: "window length in tokens", Value: 1024},
 			&cli.IntFlag{Name: "max-windows", Usage: "score at most N windows (0 = all)"},
+			&cli.StringFlag{Name: "cache-dtype", Usage: "KV cache storage: f32 (the reference protocol), bf16, f16, or model (the checkpoint's dtype)", Value: "f32"},
+			&cli.StringFlag{Name: "mla-path", Usage: "MLA attention: auto (the cheaper per shape), absorbed (W_UK/W_UV folded, attention on the latent cache) or decompressed (per-head K/V rebuilt)", Value: "auto"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
 		},
 		Action: func(c *cli.Context) error {
@@ -69,7 +75,15 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			if err != nil {
 				return err
 			}
-			runner, err := eval.NewRunner(m, be, c.Int("ctx"))
+			dt, err := cacheDType(c.String("cache-dtype"), m)
+			if err != nil {
+				return err
+			}
+			path, err := eval.ParseMLAPath(c.String("mla-path"))
+			if err != nil {
+				return usageError{err}
+			}
+			runner, err := eval.NewRunnerWith(m, be, eval.Options{MaxPositions: c.Int("ctx"), CacheDType: dt, MLAPath: path})
 			if err != nil {
 				return err
 			}
@@ -88,6 +102,8 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 				KVCacheBytesPerToken:  m.KVCacheBytesPerToken(),
 				KVCacheBytesAtCtx:     m.KVCacheBytesPerToken() * int64(res.Ctx),
 				KVCacheDType:          m.StorageDType.String(),
+				CacheDTypeUsed:        dt.String(),
+				MLAPath:               path.String(),
 				Backend:               be.Name(),
 				Threads:               runtime.GOMAXPROCS(0),
 			}
@@ -102,6 +118,11 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			fmt.Fprintf(w, "throughput  %.0f tokens/s (%.1f s, %s backend, %d threads)\n", res.TokensPerSecond, res.Seconds, rep.Backend, rep.Threads)
 			fmt.Fprintf(w, "KV cache    %d values = %d B per token (%s); %s at ctx %d\n",
 				rep.KVCacheValuesPerToken, rep.KVCacheBytesPerToken, rep.KVCacheDType, humanBytes(rep.KVCacheBytesAtCtx), res.Ctx)
+			fmt.Fprintf(w, "this run    %s cache allocated (%s rows)", humanBytes(res.KVCacheBytesAllocated), rep.CacheDTypeUsed)
+			if m.Config.MLA != nil {
+				fmt.Fprintf(w, ", MLA attention %s", rep.MLAPath)
+			}
+			fmt.Fprintln(w)
 			return nil
 		},
 	})

@@ -21,6 +21,7 @@ then decodes greedily until --max-tokens or an EOS token.`,
 			&cli.IntFlag{Name: "max-tokens", Usage: "new tokens to generate at most", Value: 64},
 			&cli.BoolFlag{Name: "ids", Usage: "print the new token ids as a JSON array instead of text"},
 			&cli.BoolFlag{Name: "ignore-eos", Usage: "keep generating after an EOS token"},
+			&cli.StringFlag{Name: "cache-dtype", Usage: "KV cache storage: bf16, f16, f32, or model (the checkpoint's dtype, as serving engines keep it)", Value: "model"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.Int("max-tokens") < 1 {
@@ -53,7 +54,13 @@ then decodes greedily until --max-tokens or an EOS token.`,
 			if err != nil {
 				return err
 			}
-			runner, err := eval.NewRunner(m, be, len(prompt)+c.Int("max-tokens"))
+			dt, err := cacheDType(c.String("cache-dtype"), m)
+			if err != nil {
+				return err
+			}
+			// MLA checkpoints decode on their latent cache with the absorbed
+			// kernel (eval.PathAuto picks it for single tokens).
+			runner, err := eval.NewRunnerWith(m, be, eval.Options{MaxPositions: len(prompt) + c.Int("max-tokens"), CacheDType: dt})
 			if err != nil {
 				return err
 			}

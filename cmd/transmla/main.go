@@ -89,9 +89,11 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			demoCommand(),
 			convertCommand(),
 			evalCommand(),
+			benchCommand(),
 			inspectCommand(),
 			generateCommand(),
 			synthCommand(),
+			sweepCommand(),
 			tokenizeCommand(),
 		},
 	}

@@ -1,0 +1,307 @@
+package kernels
+
+import (
+	"math"
+	"runtime"
+	"sync"
+)
+
+// RowAttention is causal attention of query rows against the rows of a KV
+// cache (Rows), reading each cached row once per call for all the query
+// groups that use it. It serves both layouts:
+//
+//   - GQA: a row is [k_1 … k_G | v_1 … v_G]; group g holds the queries of the
+//     heads that share KV head g, KeyOffsets[g] = g·d, ValueOffsets[g] = G·d + g·d.
+//   - absorbed MLA: a row is [c_KV | k_R]; one group holds every head's
+//     latent query [W_UKᵀ q_nope | q_rope], KeyDim = d_c + d_r, and the values
+//     are the latent itself, ValueOffsets[0] = 0, ValueDim = d_c.
+//
+// Scores and the softmax are float32 with an online (running maximum)
+// softmax, so the cache is walked page by page and never materialised.
+type RowAttention struct {
+	KeyDim, ValueDim int
+	// KeyOffsets and ValueOffsets give, per query group, where its key and
+	// value start inside a row.
+	KeyOffsets, ValueOffsets []int
+	// PerPosition is the number of query rows per position in each group
+	// (heads per KV head for GQA, all heads for MLA).
+	PerPosition int
+	// Scale multiplies the scores.
+	Scale float32
+	// Window limits each query to the last Window positions (0 = unlimited).
+	Window int
+	// Workers caps the goroutines of one call (0 = GOMAXPROCS); callers
+	// that already run one call per core set 1.
+	Workers int
+}
+
+// Attend computes, for the n new positions past…past+n−1 whose rows are
+// already in rows, out[g] = softmax(Scale·q[g]·Kᵀ)·V for every group g.
+// q[g] is (n·PerPosition)×KeyDim and out[g] (n·PerPosition)×ValueDim, rows
+// ordered by position, then by head. Query blocks and, for few queries and
+// long contexts, chunks of the context run in parallel.
+func (a RowAttention) Attend(be Backend, out, q [][]float32, n, past int, rows *Rows) {
+	if n <= 0 {
+		return
+	}
+	total := past + n
+	workers := runtime.GOMAXPROCS(0)
+	if a.Workers > 0 {
+		workers = a.Workers
+	}
+	// Query blocks of up to posBlock positions.
+	const posBlock = 64
+	blocks := (n + posBlock - 1) / posBlock
+	// Split the context of each block when blocks alone cannot keep the
+	// cores busy and there is enough context to share.
+	pages := (total + rows.pageRows - 1) / rows.pageRows
+	splits := 1
+	if blocks < workers && pages >= 2*workers {
+		splits = max(1, workers/blocks)
+	}
+	type task struct{ block, split int }
+	tasks := make(chan task, blocks*splits)
+	// Later blocks see more context: hand them out first.
+	for b := blocks - 1; b >= 0; b-- {
+		for s := range splits {
+			tasks <- task{b, s}
+		}
+	}
+	close(tasks)
+	parts := make([][]rowPartial, blocks*splits)
+	workers = min(workers, blocks*splits)
+	inner := be
+	if workers > 1 {
+		inner = serialBackend(be)
+	}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ws := &rowWorkspace{}
+			for t := range tasks {
+				p0 := t.block * posBlock
+				p1 := min(n, p0+posBlock)
+				// Context visible to the block: [lo, past+p1).
+				lo, hi := 0, past+p1
+				if a.Window > 0 {
+					lo = max(0, past+p0-a.Window+1)
+				}
+				// This split's share of whole pages.
+				pg0, pg1 := lo/rows.pageRows, (hi+rows.pageRows-1)/rows.pageRows
+				per := (pg1 - pg0 + splits - 1) / splits
+				s0 := max(lo, (pg0+t.split*per)*rows.pageRows)
+				s1 := min(hi, (pg0+(t.split+1)*per)*rows.pageRows)
+				parts[t.block*splits+t.split] = a.attendBlock(inner, ws, q, p0, p1, past, s0, s1, rows)
+			}
+		}()
+	}
+	wg.Wait()
+	for b := range blocks {
+		p0 := b * posBlock
+		p1 := min(n, p0+posBlock)
+		for g := range q {
+			r0, r1 := p0*a.PerPosition, p1*a.PerPosition
+			a.combine(out[g][r0*a.ValueDim:r1*a.ValueDim], parts[b*splits:(b+1)*splits], g, r1-r0)
+		}
+	}
+}
+
+// rowPartial is one task's unnormalised result for one group: per query
+// row the running maximum m, the sum of exponentials l and Σ e^{s−m}·v.
+type rowPartial struct {
+	m, l, o []float32
+}
+
+// rowWorkspace is one worker's scratch.
+type rowWorkspace struct {
+	page, scores []float32
+}
+
+// attendBlock runs positions [p0, p1) of the new rows against context rows
+// [s0, s1) and returns the partial results of every group.
+func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p0, p1, past, s0, s1 int, rows *Rows) []rowPartial {
+	per, dk, dv, w := a.PerPosition, a.KeyDim, a.ValueDim, rows.width
+	nr := (p1 - p0) * per
+	parts := make([]rowPartial, len(q))
+	for g := range parts {
+		pt := rowPartial{m: make([]float32, nr), l: make([]float32, nr), o: make([]float32, nr*dv)}
+		for i := range pt.m {
+			pt.m[i] = float32(math.Inf(-1))
+		}
+		parts[g] = pt
+	}
+	if s0 >= s1 {
+		return parts
+	}
+	if cap(ws.page) < rows.pageRows*w {
+		ws.page = make([]float32, rows.pageRows*w)
+	}
+	if cap(ws.scores) < nr*rows.pageRows {
+		ws.scores = make([]float32, nr*rows.pageRows)
+	}
+	for t0 := s0; t0 < s1; {
+		pg, o0 := t0/rows.pageRows, t0%rows.pageRows
+		t1 := min(s1, (pg+1)*rows.pageRows)
+		tile := rows.page(ws.page, pg, o0, o0+t1-t0)
+		nt := t1 - t0
+		// Query rows that see part of [t0, t1): positions P with P ≥ t0 and,
+		// with a window, P−Window+1 < t1. Positions grow with the row index.
+		first := max(p0, t0-past)
+		last := p1
+		if a.Window > 0 {
+			last = min(p1, t1+a.Window-1-past)
+		}
+		if first >= last {
+			t0 = t1
+			continue
+		}
+		r0, r1 := (first-p0)*per, (last-p0)*per
+		rn := r1 - r0
+		s := ws.scores[:rn*nt]
+		for g, qg := range q {
+			pt := parts[g]
+			scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
+			for r := range rn {
+				pos := past + p0 + (r0+r)/per
+				vis0, vis1 := t0, min(t1, pos+1)
+				if a.Window > 0 {
+					vis0 = max(t0, pos-a.Window+1)
+				}
+				row := s[r*nt : (r+1)*nt]
+				clear(row[:vis0-t0])
+				clear(row[vis1-t0:])
+				seen := row[vis0-t0 : vis1-t0]
+				i := r0 + r
+				mNew := max(pt.m[i], maxOf(seen))
+				alpha := expf(pt.m[i] - mNew)
+				pt.l[i] = pt.l[i]*alpha + expSub(seen, mNew)
+				pt.m[i] = mNew
+				if alpha != 1 {
+					scale(pt.o[i*dv:(i+1)*dv], alpha)
+				}
+			}
+			weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+		}
+		t0 = t1
+	}
+	return parts
+}
+
+// smallRows is the query-row count up to which scores and weighted sums
+// use the small-block vector kernels: for a few rows, packing a cache tile
+// for the general product costs more than the arithmetic on it.
+const smallRows = 16
+
+// scoresRows writes s[r·nt+j] = alpha·q_r·key_j for rn query rows (stride
+// dk) against nt keys (stride w).
+func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w int, s []float32) {
+	if rn > smallRows || !smallBlocksSIMD() {
+		be.Gemm(false, true, rn, nt, dk, alpha, q, dk, keys, w, 0, s, nt)
+		return
+	}
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		j0 := 0
+		for ; j0+4 <= nt; j0 += 4 {
+			scoresBlockSIMD(rows, dk, q[r0*dk:], dk, keys[j0*w:], w, s[r0*nt+j0:], nt)
+		}
+		for r := r0; r < r0+rows; r++ {
+			qr := q[r*dk : (r+1)*dk]
+			for j := j0; j < nt; j++ {
+				var d float32
+				for p, v := range keys[j*w : j*w+dk] {
+					d += qr[p] * v
+				}
+				s[r*nt+j] = d
+			}
+		}
+	}
+	scale(s[:rn*nt], alpha)
+}
+
+// weightedSumRows adds s·V to o: rn rows of weights over nt cached values
+// (stride w) of dv values each.
+func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o []float32) {
+	if rn > smallRows || !smallBlocksSIMD() {
+		be.Gemm(false, false, rn, dv, nt, 1, s, nt, values, w, 1, o, dv)
+		return
+	}
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		t0 := 0
+		for ; t0+4 <= nt; t0 += 4 {
+			wsumBlockSIMD(rows, dv, s[r0*nt+t0:], nt, values[t0*w:], w, o[r0*dv:], dv)
+		}
+		for r := r0; r < r0+rows; r++ {
+			for t := t0; t < nt; t++ {
+				axpy(s[r*nt+t], values[t*w:t*w+dv], o[r*dv:(r+1)*dv])
+			}
+		}
+	}
+}
+
+// combine merges the partial results of one group over the context splits
+// and writes the normalised rows to out.
+func (a RowAttention) combine(out []float32, parts [][]rowPartial, g, nr int) {
+	dv := a.ValueDim
+	for i := range nr {
+		m := float32(math.Inf(-1))
+		for _, p := range parts {
+			m = max(m, p[g].m[i])
+		}
+		dst := out[i*dv : (i+1)*dv]
+		clear(dst)
+		var l float32
+		for _, p := range parts {
+			pt := p[g]
+			if pt.l[i] == 0 {
+				continue
+			}
+			f := expf(pt.m[i] - m)
+			l += pt.l[i] * f
+			for j, v := range pt.o[i*dv : (i+1)*dv] {
+				dst[j] += f * v
+			}
+		}
+		if l > 0 {
+			scale(dst, 1/l)
+		}
+	}
+}
+
+// maxOf is the largest value of a non-empty x.
+func maxOf(x []float32) float32 {
+	if m, ok := maxSIMD(x); ok {
+		return m
+	}
+	m := x[0]
+	for _, v := range x[1:] {
+		m = max(m, v)
+	}
+	return m
+}
+
+// expSub replaces x by e^{x−m} and returns the sum.
+func expSub(x []float32, m float32) float32 {
+	if s, ok := expSubSIMD(x, m); ok {
+		return s
+	}
+	var s float32
+	for i, v := range x {
+		x[i] = expf(v - m)
+		s += x[i]
+	}
+	return s
+}
+
+// scale multiplies x by s.
+func scale(x []float32, s float32) {
+	if len(x) == 0 || scaleSIMD(x, s) {
+		return
+	}
+	for i := range x {
+		x[i] *= s
+	}
+}

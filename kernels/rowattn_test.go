@@ -1,0 +1,204 @@
+package kernels
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+)
+
+// naiveRowAttention is the float64 definition: every query row against
+// every visible cached row, plain softmax.
+func naiveRowAttention(a RowAttention, q [][]float32, n, past int, cache []float32, width int) [][]float64 {
+	out := make([][]float64, len(q))
+	for g, qg := range q {
+		rowsQ := n * a.PerPosition
+		out[g] = make([]float64, rowsQ*a.ValueDim)
+		for r := range rowsQ {
+			pos := past + r/a.PerPosition
+			lo := 0
+			if a.Window > 0 {
+				lo = max(0, pos-a.Window+1)
+			}
+			scores := make([]float64, pos+1-lo)
+			m := math.Inf(-1)
+			for t := lo; t <= pos; t++ {
+				var s float64
+				for j := range a.KeyDim {
+					s += float64(qg[r*a.KeyDim+j]) * float64(cache[t*width+a.KeyOffsets[g]+j])
+				}
+				s *= float64(a.Scale)
+				scores[t-lo] = s
+				m = math.Max(m, s)
+			}
+			var sum float64
+			for i, s := range scores {
+				scores[i] = math.Exp(s - m)
+				sum += scores[i]
+			}
+			for t := lo; t <= pos; t++ {
+				p := scores[t-lo] / sum
+				for j := range a.ValueDim {
+					out[g][r*a.ValueDim+j] += p * float64(cache[t*width+a.ValueOffsets[g]+j])
+				}
+			}
+		}
+	}
+	return out
+}
+
+func TestRowAttentionMatchesNaive(t *testing.T) {
+	cases := []struct {
+		name                 string
+		groups, per, dk, dv  int
+		valueOffsetInsideKey bool // MLA: the value is the key's first dv values
+		n, past, window      int
+		page                 int
+		dt                   RowDType
+	}{
+		{"gqa decode", 2, 3, 16, 16, false, 1, 300, 0, 32, RowF32},
+		{"gqa prefill", 2, 3, 16, 16, false, 150, 0, 0, 32, RowBF16},
+		{"gqa chunk after past", 4, 2, 8, 8, false, 70, 97, 0, 16, RowF16},
+		{"mla decode long", 1, 6, 40, 32, true, 1, 2000, 0, 64, RowBF16},
+		{"mla decode few", 1, 6, 40, 32, true, 3, 517, 0, 64, RowF32},
+		{"mla prefill", 1, 5, 24, 16, true, 200, 0, 0, 16, RowBF16},
+		{"window decode", 2, 2, 8, 8, false, 1, 400, 37, 16, RowF32},
+		{"window prefill", 1, 4, 24, 16, true, 130, 20, 50, 16, RowBF16},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(i), 11))
+			a := RowAttention{KeyDim: tc.dk, ValueDim: tc.dv, PerPosition: tc.per, Scale: 1 / float32(math.Sqrt(float64(tc.dk))), Window: tc.window}
+			width := tc.groups * (tc.dk + tc.dv)
+			if tc.valueOffsetInsideKey {
+				width = tc.groups * tc.dk
+			}
+			for g := range tc.groups {
+				if tc.valueOffsetInsideKey {
+					a.KeyOffsets = append(a.KeyOffsets, g*tc.dk)
+					a.ValueOffsets = append(a.ValueOffsets, g*tc.dk)
+				} else {
+					a.KeyOffsets = append(a.KeyOffsets, g*tc.dk)
+					a.ValueOffsets = append(a.ValueOffsets, tc.groups*tc.dk+g*tc.dv)
+				}
+			}
+			total := tc.past + tc.n
+			src := make([]float32, total*width)
+			for j := range src {
+				src[j] = float32(rng.NormFloat64())
+			}
+			rows := NewRows(width, tc.page, tc.dt)
+			// Write in two pieces, as a prefill then a step would.
+			rows.Write(0, src[:tc.past*width])
+			rows.Write(tc.past, src[tc.past*width:])
+			stored := make([]float32, total*width)
+			rows.Read(stored, 0, total)
+			q := make([][]float32, tc.groups)
+			out := make([][]float32, tc.groups)
+			for g := range q {
+				q[g] = make([]float32, tc.n*tc.per*tc.dk)
+				for j := range q[g] {
+					q[g][j] = 2 * float32(rng.NormFloat64())
+				}
+				out[g] = make([]float32, tc.n*tc.per*tc.dv)
+				for j := range out[g] {
+					out[g][j] = float32(math.NaN()) // poisoned: every value must be written
+				}
+			}
+			a.Attend(NewNative(), out, q, tc.n, tc.past, rows)
+			want := naiveRowAttention(a, q, tc.n, tc.past, stored, width)
+			for g := range q {
+				if e := relErr(out[g], want[g]); !(e < 2e-5) {
+					t.Errorf("group %d: relative error %.3g", g, e)
+				}
+			}
+		})
+	}
+}
+
+// relErr is ‖got − want‖ / ‖want‖.
+func relErr(got []float32, want []float64) float64 {
+	var num, den float64
+	for i, w := range want {
+		d := float64(got[i]) - w
+		num += d * d
+		den += w * w
+	}
+	return math.Sqrt(num / den)
+}
+
+func TestRowsStoreRoundsAndCountsPages(t *testing.T) {
+	for _, dt := range []RowDType{RowF32, RowBF16, RowF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			r := NewRows(3, 4, dt)
+			src := []float32{1, 1.00390625, 1.01171875, -2, 0.1, 65504, 3, 4, 5}
+			r.Write(0, src)
+			if r.Len() != 3 || r.BytesAllocated() != int64(4*3*dt.Bytes()) {
+				t.Fatalf("len %d, bytes %d", r.Len(), r.BytesAllocated())
+			}
+			got := make([]float32, 9)
+			r.Read(got, 0, 3)
+			for i, v := range src {
+				want := v
+				switch dt {
+				case RowBF16:
+					// 1.00390625 = 1 + 2⁻⁸ is a tie between 1 and 1 + 2⁻⁷: even is 1.
+					want = map[float32]float32{1.00390625: 1, 1.01171875: 1.015625, 0.1: 0.10009765625, 65504: 65536}[v]
+				case RowF16:
+					want = map[float32]float32{0.1: 0.0999755859375}[v]
+				}
+				if want == 0 {
+					want = v
+				}
+				if got[i] != want {
+					t.Errorf("value %d: stored %v as %v, want %v", i, v, got[i], want)
+				}
+			}
+			r.Write(3, make([]float32, 6))
+			if r.BytesAllocated() != int64(8*3*dt.Bytes()) {
+				t.Errorf("after 5 rows: %d bytes, want two pages", r.BytesAllocated())
+			}
+			r.Truncate(0)
+			if r.Len() != 0 || r.BytesAllocated() != int64(8*3*dt.Bytes()) {
+				t.Errorf("truncate: len %d bytes %d", r.Len(), r.BytesAllocated())
+			}
+		})
+	}
+}
+
+func TestWidenBF16MatchesScalar(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, n := range []int{0, 1, 15, 16, 17, 63, 64, 65, 200} {
+		src := make([]uint16, n)
+		for i := range src {
+			src[i] = uint16(rng.Uint32())
+		}
+		got := make([]float32, n)
+		widenBF16(got, src)
+		for i, h := range src {
+			want := math.Float32frombits(uint32(h) << 16)
+			if math.Float32bits(got[i]) != math.Float32bits(want) {
+				t.Fatalf("n=%d, value %d: %v, want %v", n, i, got[i], want)
+			}
+		}
+	}
+}
+
+func BenchmarkRowAttentionDecode(b *testing.B) {
+	for _, ctx := range []int{4096, 16384} {
+		for _, dt := range []RowDType{RowBF16, RowF32} {
+			b.Run(fmt.Sprintf("mla_ctx%d_%s", ctx, dt), func(b *testing.B) {
+				a := RowAttention{KeyDim: 256, ValueDim: 192, PerPosition: 6, Scale: 0.1, KeyOffsets: []int{0}, ValueOffsets: []int{0}}
+				rows := NewRows(256, DefaultPageRows, dt)
+				rows.Write(0, make([]float32, ctx*256))
+				q := [][]float32{make([]float32, 6*256)}
+				out := [][]float32{make([]float32, 6*192)}
+				be := NewNative()
+				b.SetBytes(rows.BytesAllocated())
+				for b.Loop() {
+					a.Attend(be, out, q, 1, ctx-1, rows)
+				}
+			})
+		}
+	}
+}
