@@ -113,7 +113,7 @@ type segment struct {
 // scratch holds one step's intermediate rows; buffers grow on demand and
 // are reused across layers and calls.
 type scratch struct {
-	h, q, attnOut, gate, up, kv, cached []float32
+	h, q, attnOut, gate, up, kv []float32
 	// Per segment: gathered queries and outputs of the row attention.
 	seg []segScratch
 }

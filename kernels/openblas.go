@@ -10,9 +10,6 @@ import (
 	"github.com/ebitengine/purego"
 )
 
-// openblasBuilt reports whether this binary can load OpenBLAS.
-const openblasBuilt = true
-
 // openblasLibs are the shared libraries tried, in order.
 var openblasLibs = map[string][]string{
 	"linux": {

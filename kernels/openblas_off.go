@@ -4,9 +4,6 @@ package kernels
 
 import "errors"
 
-// openblasBuilt reports whether this binary can load OpenBLAS.
-const openblasBuilt = false
-
 // newOpenBLASBackend fails: loading a C library at run time (purego) would
 // make every binary dynamically linked against libc, so it is opt-in.
 func newOpenBLASBackend() (Backend, error) {
