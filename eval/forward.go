@@ -70,12 +70,7 @@ func (r *Runner) NewCache() *KVCache {
 func (c *KVCache) Len() int { return c.len }
 
 // Reset empties the cache for a new sequence, keeping its memory.
-func (c *KVCache) Reset() {
-	c.len = 0
-	for _, l := range c.layers {
-		l.Truncate(0)
-	}
-}
+func (c *KVCache) Reset() { c.Truncate(0) }
 
 // Reserve allocates the pages for n positions in every layer.
 func (c *KVCache) Reserve(n int) {

@@ -119,8 +119,10 @@ type scratch struct {
 }
 
 type segScratch struct {
-	q, out             [][]float32
-	rows, keys, values []float32
+	q, out [][]float32
+	// rows holds the segment's new cache rows (GQA) or all its widened
+	// rows (decompressed MLA), which also uses latent, kv, keys and values.
+	rows, latent, kv, keys, values []float32
 }
 
 func grow(s []float32, n int) []float32 {
@@ -394,14 +396,15 @@ func (e *layerEngine) mlaDecompressed(be kernels.Backend, ml *model.MLALayer, q 
 	ss.rows = grow(ss.rows, total*w)
 	sg.rows.Read(ss.rows, 0, total)
 	// The latent of each position, contiguous for kv_b_proj.
-	lat := grow(ss.values, max(total*dc, total*H*dv))
+	ss.latent = grow(ss.latent, total*dc)
 	for t := range total {
-		copy(lat[t*dc:(t+1)*dc], ss.rows[t*w:t*w+dc])
+		copy(ss.latent[t*dc:(t+1)*dc], ss.rows[t*w:t*w+dc])
 	}
-	kv := make([]float32, total*H*kvb)
-	kernels.Linear(be, kv, lat[:total*dc], ml.KVB.W, ml.KVB.B, total, H*kvb, dc)
+	ss.kv = grow(ss.kv, total*H*kvb)
+	kv := ss.kv
+	kernels.Linear(be, kv, ss.latent, ml.KVB.W, ml.KVB.B, total, H*kvb, dc)
 	ss.keys = grow(ss.keys, total*H*qk)
-	ss.values = grow(lat, total*H*dv)
+	ss.values = grow(ss.values, total*H*dv)
 	keys, values := ss.keys, ss.values
 	for t := range total {
 		kr := ss.rows[t*w+dc : (t+1)*w]
