@@ -64,24 +64,19 @@ func copySideFiles(src, dst string) ([]string, error) {
 	return copied, nil
 }
 
-// lazyLayerTensors plans layer i's tensors with their final names and
-// shapes; each Write asks get for the converted layer, which is computed
-// when the first of its tensors is written.
-func lazyLayerTensors(cfg model.Config, i int, dt safetensors.DType, get func(i int) (*model.Layer, error)) []safetensors.TensorSpec {
-	shapes := model.LayerTensorShapes(cfg, i)
-	plan := make([]safetensors.TensorSpec, len(shapes))
-	for k, t := range shapes {
-		plan[k] = safetensors.TensorSpec{Name: t.Name, DType: dt, Shape: t.Shape, Write: func(w io.Writer) error {
-			l, err := get(i)
-			if err != nil {
-				return err
-			}
-			real, err := model.LayerTensors(cfg, i, l, dt)
-			if err != nil {
-				return err
-			}
-			return real[k].Write(w)
-		}}
-	}
-	return plan
+// convertedTensor plans tensor t of converted layer i; its Write asks get
+// for the layer, which is computed when the first of its tensors is
+// written.
+func convertedTensor(cfg model.Config, i int, t safetensors.TensorInfo, dt safetensors.DType, get func(i int) (*model.Layer, error)) safetensors.TensorSpec {
+	return safetensors.TensorSpec{Name: t.Name, DType: dt, Shape: t.Shape, Write: func(w io.Writer) error {
+		l, err := get(i)
+		if err != nil {
+			return err
+		}
+		spec, err := model.LayerTensor(cfg, i, l, t.Name, dt)
+		if err != nil {
+			return err
+		}
+		return spec.Write(w)
+	}}
 }

@@ -3,6 +3,7 @@ package model
 import (
 	"context"
 	"fmt"
+	"io"
 	"math"
 	"slices"
 	"strconv"
@@ -188,6 +189,85 @@ func (r *Reader) Layer(ctx context.Context, i int) (*Layer, error) {
 	return l, nil
 }
 
+// AttentionLayer reads decoder layer i's input norm and attention
+// tensors only, leaving MLPNorm and the MLP nil: what a data-free
+// conversion reads of a layer whose MLP it passes on unchanged.
+func (r *Reader) AttentionLayer(ctx context.Context, i int) (*Layer, error) {
+	if i < 0 || i >= r.cfg.NumLayers {
+		return nil, fmt.Errorf("checkpoint %s: layer %d out of range [0, %d)", strings.Join(r.ckpt.Files(), ", "), i, r.cfg.NumLayers)
+	}
+	l := &Layer{}
+	mlp := []*[]float32{&l.MLPNorm, &l.Gate.W, &l.Gate.B, &l.Up.W, &l.Up.B, &l.Down.W, &l.Down.B}
+	var reqs []tensorReq
+	for _, req := range layerReqs(r.cfg, i, l) {
+		if !slices.Contains(mlp, req.dst) {
+			reqs = append(reqs, req)
+		}
+	}
+	if err := r.read(ctx, reqs, nil); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// WriteTensor writes the named tensor, one of the model's, to w stored
+// as dt (BF16, F16, F32 or F64), after the checks that reading it makes: a
+// float dtype and finite values. A tensor stored as dt already is copied
+// byte for byte, its stored bits tested for finiteness chunk by chunk
+// (decoding and rounding back would give the same bytes); others are
+// decoded and rounded to nearest even chunk by chunk. Either way the
+// tensor is never held in memory whole: this is how a converter passes on
+// the weights it does not change.
+func (r *Reader) WriteTensor(ctx context.Context, name string, dt safetensors.DType, w io.Writer) error {
+	info, ok := r.ckpt.Info(name)
+	if !ok {
+		return fmt.Errorf("checkpoint %s: no tensor %q", strings.Join(r.ckpt.Files(), ", "), name)
+	}
+	if err := checkDType(info); err != nil {
+		return err
+	}
+	switch dt {
+	case safetensors.BF16, safetensors.F16, safetensors.F32, safetensors.F64:
+	default:
+		return fmt.Errorf("write tensor %q as %s: not a float dtype", name, dt)
+	}
+	size := int(info.DType.Size())
+	var values []float32
+	var encoded []byte
+	return r.ckpt.ReadStored(name, func(chunk []byte, first int) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if info.DType == dt {
+			if k := safetensors.FirstNonFinite(chunk, dt); k >= 0 {
+				v := make([]float32, 1)
+				if err := safetensors.DecodeToFloat32(v, chunk[k*size:(k+1)*size], dt); err != nil {
+					return err
+				}
+				return nonFinite(info, v[0], first+k)
+			}
+			_, err := w.Write(chunk)
+			return err
+		}
+		n := len(chunk) / size
+		values = slices.Grow(values[:0], n)[:n]
+		if err := safetensors.DecodeToFloat32(values, chunk, info.DType); err != nil {
+			return err
+		}
+		// Tested after decoding: an F64 value beyond float32's range
+		// becomes infinite only here.
+		for k, v := range values {
+			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+				return nonFinite(info, v, first+k)
+			}
+		}
+		encoded = slices.Grow(encoded[:0], n*int(dt.Size()))[:n*int(dt.Size())]
+		safetensors.EncodeFloat32(encoded, values, dt)
+		_, err := w.Write(encoded)
+		return err
+	})
+}
+
 // load reads the whole model, reporting progress over all its tensors.
 func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Model, error) {
 	cfg := r.cfg
@@ -301,14 +381,24 @@ func checkTensor(ckpt *safetensors.Checkpoint, r tensorReq) (safetensors.TensorI
 	if !slices.Equal(info.Shape, r.shape) {
 		return info, fmt.Errorf("checkpoint %s: tensor %q has shape %v, config.json implies %v", info.File, r.name, info.Shape, r.shape)
 	}
-	// Float32 would also decode I64; integer data where a weight belongs
-	// means a corrupt or mislabelled file, not weights.
+	return info, checkDType(info)
+}
+
+// checkDType refuses a tensor stored with a non-float dtype. Float32 would
+// also decode I64; integer data where a weight belongs means a corrupt or
+// mislabelled file, not weights.
+func checkDType(info safetensors.TensorInfo) error {
 	switch info.DType {
 	case safetensors.BF16, safetensors.F16, safetensors.F32, safetensors.F64:
-	default:
-		return info, fmt.Errorf("checkpoint %s: tensor %q has dtype %s, want a float dtype (BF16, F16, F32 or F64)", info.File, r.name, info.DType)
+		return nil
 	}
-	return info, nil
+	return fmt.Errorf("checkpoint %s: tensor %q has dtype %s, want a float dtype (BF16, F16, F32 or F64)", info.File, info.Name, info.DType)
+}
+
+// nonFinite is the error of a tensor holding the non-finite value v at
+// flat index i.
+func nonFinite(info safetensors.TensorInfo, v float32, i int) error {
+	return fmt.Errorf("checkpoint %s: tensor %q has a non-finite value (%v) at flat index %d", info.File, info.Name, v, i)
 }
 
 func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
@@ -322,7 +412,7 @@ func readTensor(ckpt *safetensors.Checkpoint, r tensorReq) ([]float32, error) {
 	}
 	for i, v := range data {
 		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
-			return nil, fmt.Errorf("checkpoint %s: tensor %q has a non-finite value (%v) at flat index %d", info.File, r.name, v, i)
+			return nil, nonFinite(info, v, i)
 		}
 	}
 	return data, nil
@@ -337,6 +427,22 @@ func LayerTensors(cfg Config, i int, l *Layer, dt safetensors.DType) ([]safetens
 		return nil, fmt.Errorf("layer %d: MLA config but the layer has no MLA weights", i)
 	}
 	return specs(layerReqs(cfg, i, l), dt)
+}
+
+// LayerTensor returns the named tensor of decoder layer i of l, stored as
+// dt, as LayerTensors would; it fails if the layer has no such tensor for
+// cfg, or l lacks it.
+func LayerTensor(cfg Config, i int, l *Layer, name string, dt safetensors.DType) (safetensors.TensorSpec, error) {
+	for _, req := range layerReqs(cfg, i, l) {
+		if req.name == name {
+			out, err := specs([]tensorReq{req}, dt)
+			if err != nil {
+				return safetensors.TensorSpec{}, err
+			}
+			return out[0], nil
+		}
+	}
+	return safetensors.TensorSpec{}, fmt.Errorf("layer %d has no tensor %q", i, name)
 }
 
 // LayerTensorShapes lists decoder layer i's tensor names and shapes for

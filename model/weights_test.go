@@ -1,7 +1,11 @@
 package model
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -156,5 +160,169 @@ func TestLoadErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// WriteTensor passes a tensor on: byte for byte when the dtype stays,
+// rounded chunk by chunk otherwise, refusing non-finite values with the
+// index Load would report, also past the first chunk.
+func TestWriteTensor(t *testing.T) {
+	spec := smallSpec()
+	spec.Vocab = 40000 // an embedding of 2.56M values spans chunks
+	base := writeSmall(t, spec)
+	const embed = "model.embed_tokens.weight"
+	const far = 2_300_000 // a flat index in the second 4 MiB chunk of bf16
+	// withEmbed rewrites base with the embedding stored as dt, edited.
+	withEmbed := func(t *testing.T, dt safetensors.DType, edit func(d []float32)) string {
+		src, err := safetensors.Open(base)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer src.Close()
+		var specs []safetensors.TensorSpec
+		for _, name := range src.Names() {
+			info, _ := src.Info(name)
+			data, err := src.Float32(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if name == embed {
+				info.DType = dt
+				if edit != nil {
+					edit(data)
+				}
+				if dt == safetensors.F64 {
+					// Float32Tensor cannot store a value beyond float32.
+					specs = append(specs, safetensors.TensorSpec{Name: name, DType: dt, Shape: info.Shape, Write: func(w io.Writer) error {
+						b := make([]byte, 8*len(data))
+						for i, v := range data {
+							x := float64(v)
+							if i == 5 {
+								x = 1e300
+							}
+							binary.LittleEndian.PutUint64(b[8*i:], math.Float64bits(x))
+						}
+						_, err := w.Write(b)
+						return err
+					}})
+					continue
+				}
+			}
+			specs = append(specs, safetensors.Float32Tensor(name, info.DType, info.Shape, data))
+		}
+		out := t.TempDir()
+		if err := safetensors.WriteCheckpoint(context.Background(), out, specs, safetensors.WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		cfg, _ := os.ReadFile(filepath.Join(base, "config.json"))
+		if err := os.WriteFile(filepath.Join(out, "config.json"), cfg, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name     string
+		stored   safetensors.DType
+		edit     func(d []float32)
+		as       safetensors.DType
+		wantErr  []string
+		sameAsIn bool // the output must be the stored bytes
+	}{
+		{name: "bf16 as bf16", stored: safetensors.BF16, as: safetensors.BF16, sameAsIn: true},
+		{name: "f32 as f32", stored: safetensors.F32, as: safetensors.F32, sameAsIn: true},
+		{name: "bf16 as f32", stored: safetensors.BF16, as: safetensors.F32},
+		{name: "f32 as bf16", stored: safetensors.F32, as: safetensors.BF16},
+		{name: "f32 as f16", stored: safetensors.F32, as: safetensors.F16},
+		{name: "NaN kept as bf16", stored: safetensors.BF16, as: safetensors.BF16,
+			edit: func(d []float32) { d[far] = float32(math.NaN()) }, wantErr: []string{embed, "non-finite value (NaN) at flat index 2300000"}},
+		{name: "-Inf converted to f32", stored: safetensors.BF16, as: safetensors.F32,
+			edit: func(d []float32) { d[far+1] = float32(math.Inf(-1)) }, wantErr: []string{embed, "non-finite value (-Inf) at flat index 2300001"}},
+		{name: "f64 beyond float32", stored: safetensors.F64, as: safetensors.F32, // 1e300 at index 5
+			wantErr: []string{embed, "non-finite value (+Inf) at flat index 5"}},
+		{name: "integer target", stored: safetensors.BF16, as: safetensors.I32, wantErr: []string{embed, "not a float dtype"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := withEmbed(t, tc.stored, tc.edit)
+			r, err := OpenReader(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			var out bytes.Buffer
+			err = r.WriteTensor(context.Background(), embed, tc.as, &out)
+			if tc.wantErr != nil {
+				if err == nil {
+					t.Fatal("WriteTensor succeeded")
+				}
+				for _, w := range tc.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("error %q lacks %q", err, w)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := r.Checkpoint().Raw(embed)
+			if tc.sameAsIn {
+				if !bytes.Equal(out.Bytes(), raw) {
+					t.Error("the output is not the stored bytes")
+				}
+				return
+			}
+			values, _ := r.Checkpoint().Float32(embed)
+			want := make([]byte, len(values)*int(tc.as.Size()))
+			safetensors.EncodeFloat32(want, values, tc.as)
+			if !bytes.Equal(out.Bytes(), want) {
+				t.Errorf("the output is not the stored values rounded to %s", tc.as)
+			}
+		})
+	}
+	t.Run("cancelled", func(t *testing.T) {
+		r, err := OpenReader(base)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		if err := r.WriteTensor(ctx, embed, safetensors.BF16, io.Discard); !errors.Is(err, context.Canceled) {
+			t.Errorf("cancelled context: %v", err)
+		}
+	})
+}
+
+// AttentionLayer reads what Layer reads of the attention and nothing of
+// the MLP.
+func TestAttentionLayer(t *testing.T) {
+	spec := smallSpec()
+	spec.QKVBias = true
+	r, err := OpenReader(writeSmall(t, spec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	full, err := r.Layer(context.Background(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attn, err := r.AttentionLayer(context.Background(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range [][2][]float32{
+		{attn.AttnNorm, full.AttnNorm}, {attn.Q.W, full.Q.W}, {attn.Q.B, full.Q.B}, {attn.K.W, full.K.W},
+		{attn.K.B, full.K.B}, {attn.V.W, full.V.W}, {attn.V.B, full.V.B}, {attn.O.W, full.O.W},
+	} {
+		if len(p[0]) == 0 || !slices.Equal(p[0], p[1]) {
+			t.Fatal("an attention tensor differs from Layer's")
+		}
+	}
+	if attn.MLPNorm != nil || attn.Gate.W != nil || attn.Up.W != nil || attn.Down.W != nil {
+		t.Error("AttentionLayer read MLP tensors")
+	}
+	if _, err := r.AttentionLayer(context.Background(), 2); err == nil {
+		t.Error("layer 2 of 2 was read")
 	}
 }

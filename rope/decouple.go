@@ -155,8 +155,17 @@ func Exact(source Params, kvHeads int) (*Decoupling, error) {
 
 // component is a unit vector over (KV head, frequency) pairs; the same
 // coefficients act on the real halves (dim j) and imaginary halves
-// (dim j+d/2) of every head.
-type component map[[2]int]float64
+// (dim j+d/2) of every head. Its terms are kept in a fixed order (a slice,
+// not a map) so that sums over them, and so the output, are reproducible
+// to the bit.
+type component []term
+
+// term is one coefficient of a component: pair (g, j) is KV head g,
+// frequency j.
+type term struct {
+	pair [2]int
+	v    float64
+}
 
 type builder struct {
 	d, kvHeads int
@@ -170,7 +179,7 @@ func newBuilder(d, kvHeads int, slotFreq []float64) *builder {
 	return &builder{d: d, kvHeads: kvHeads, slotFreq: slotFreq}
 }
 
-func (b *builder) unitPair(g, j int) component { return component{{g, j}: 1} }
+func (b *builder) unitPair(g, j int) component { return component{{[2]int{g, j}, 1}} }
 
 func (b *builder) addRope(c component, freq float64) {
 	b.rope = append(b.rope, c)
@@ -217,10 +226,10 @@ func (b *builder) rorope(m Moments, fold, keep int) error {
 		n := len(pairs)
 		var kept []component
 		for k := n - 1; k >= 0; k-- {
-			comp := component{}
+			var comp component
 			for i, p := range pairs {
 				if v := vecs.At(i, k); v != 0 {
-					comp[p] = v
+					comp = append(comp, term{p, v})
 				}
 			}
 			if k >= n-keep {
@@ -242,18 +251,18 @@ func (b *builder) rorope(m Moments, fold, keep int) error {
 
 func (b *builder) meanFreq(c component) float64 {
 	var s, w float64
-	for p, v := range c {
-		s += v * v * b.srcFreq[p[1]]
-		w += v * v
+	for _, t := range c {
+		s += t.v * t.v * b.srcFreq[t.pair[1]]
+		w += t.v * t.v
 	}
 	return s / w
 }
 
 func meanFreqIndex(c component) float64 {
 	var s, w float64
-	for p, v := range c {
-		s += v * v * float64(p[1])
-		w += v * v
+	for _, t := range c {
+		s += t.v * t.v * float64(t.pair[1])
+		w += t.v * t.v
 	}
 	return s / w
 }
@@ -319,8 +328,8 @@ func (b *builder) finish() *Decoupling {
 		if imag {
 			off = h
 		}
-		for p, v := range c {
-			r[p[0]*d+p[1]+off] = v
+		for _, t := range c {
+			r[t.pair[0]*d+t.pair[1]+off] = t.v
 		}
 		return r
 	}

@@ -35,6 +35,16 @@ func TestFileShrinksWhileOpen(t *testing.T) {
 		for _, read := range []func() error{
 			func() error { _, err := c.Float32("w"); return err },
 			func() error { return c.ReadFloat32("w", make([]float32, len(data))) },
+			func() error {
+				// The callback reads every byte, as a finiteness check does.
+				var sum byte
+				return c.ReadStored("w", func(b []byte, _ int) error {
+					for _, v := range b {
+						sum += v
+					}
+					return nil
+				})
+			},
 		} {
 			err := read()
 			t.Logf("error: %v", err)

@@ -282,3 +282,57 @@ func decodeF32(dst []float32, src []byte) {
 		dst[i] = math.Float32frombits(binary.LittleEndian.Uint32(src[4*i:]))
 	}
 }
+
+// FirstNonFinite returns the index of the first NaN or infinite element of
+// src, stored values of dtype dt, or -1 when every element is finite or dt
+// is not a float dtype (BF16, F16, F32, F64). It tests the exponent bits
+// without decoding, a word at a time, so checking a tensor that is copied
+// as stored costs far less than decoding it.
+func FirstNonFinite(src []byte, dt DType) int {
+	// An element is non-finite when its exponent bits are all ones: adding
+	// the exponent's lowest bit to the masked element then carries into
+	// the sign position, lane by lane, without crossing into the next.
+	var exp, low, sign uint64
+	var size int
+	switch dt {
+	case BF16:
+		exp, low, sign, size = 0x7f80_7f80_7f80_7f80, 0x0080_0080_0080_0080, 0x8000_8000_8000_8000, 2
+	case F16:
+		exp, low, sign, size = 0x7c00_7c00_7c00_7c00, 0x0400_0400_0400_0400, 0x8000_8000_8000_8000, 2
+	case F32:
+		exp, low, sign, size = 0x7f800000_7f800000, 0x00800000_00800000, 0x80000000_80000000, 4
+	case F64:
+		exp, low, sign, size = 0x7ff0_0000_0000_0000, 0x0010_0000_0000_0000, 0, 8
+	default:
+		return -1
+	}
+	n := len(src) / size
+	i := 0
+	if sign != 0 {
+		for ; i+8 <= n*size; i += 8 {
+			w := binary.LittleEndian.Uint64(src[i:])
+			if ((w&exp)+low)&sign != 0 {
+				break
+			}
+		}
+	}
+	one := exp // the mask of a single element
+	if size < 8 {
+		one &= 1<<(8*size) - 1
+	}
+	for k := i / size; k < n; k++ {
+		var bits uint64
+		switch size {
+		case 2:
+			bits = uint64(binary.LittleEndian.Uint16(src[k*size:]))
+		case 4:
+			bits = uint64(binary.LittleEndian.Uint32(src[k*size:]))
+		default:
+			bits = binary.LittleEndian.Uint64(src[k*size:])
+		}
+		if bits&one == one {
+			return k
+		}
+	}
+	return -1
+}

@@ -407,3 +407,74 @@ func benchDecode(b *testing.B, dt DType) {
 func BenchmarkDecodeBF16(b *testing.B) { benchDecode(b, BF16) }
 func BenchmarkDecodeF32(b *testing.B)  { benchDecode(b, F32) }
 func BenchmarkDecodeF16(b *testing.B)  { benchDecode(b, F16) }
+
+// FirstNonFinite against decoding every element and testing it: random
+// bit patterns with non-finite values planted at chosen places, at lengths
+// that end inside and after a word.
+func TestFirstNonFinite(t *testing.T) {
+	decode := func(b []byte, dt DType, k int) float64 {
+		switch dt {
+		case BF16:
+			return float64(BF16ToFloat32(binary.LittleEndian.Uint16(b[2*k:])))
+		case F16:
+			return float64(F16ToFloat32(binary.LittleEndian.Uint16(b[2*k:])))
+		case F32:
+			return float64(math.Float32frombits(binary.LittleEndian.Uint32(b[4*k:])))
+		}
+		return math.Float64frombits(binary.LittleEndian.Uint64(b[8*k:]))
+	}
+	// Bit patterns of the largest finite, +Inf and a NaN.
+	special := map[DType][3]uint64{
+		BF16: {0x7f7f, 0x7f80, 0xffc1},
+		F16:  {0x7bff, 0x7c00, 0xfe01},
+		F32:  {0x7f7fffff, 0x7f800000, 0xffc00001},
+		F64:  {0x7fefffffffffffff, 0x7ff0000000000000, 0xfff8000000000001},
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, dt := range []DType{BF16, F16, F32, F64} {
+		size := int(dt.Size())
+		for _, n := range []int{0, 1, 3, 4, 5, 17, 64, 1001} {
+			for _, plant := range []int{-1, 0, n / 2, n - 1} {
+				for _, kind := range []int{1, 2} {
+					b := make([]byte, n*size)
+					for k := range n {
+						// Random finite values, and the largest finite one
+						// often, to catch a carry that leaks between lanes.
+						exp := special[dt][1] // +Inf: the exponent bits
+						bits := rng.Uint64()
+						if bits&exp == exp {
+							bits &^= exp & -exp
+						}
+						if rng.IntN(3) == 0 {
+							bits = special[dt][0] | rng.Uint64()&(1<<(8*size-1))
+						}
+						put(b[k*size:], bits, size)
+					}
+					if plant >= 0 && n > 0 {
+						put(b[plant*size:], special[dt][kind], size)
+					}
+					want := -1
+					for k := range n {
+						if v := decode(b, dt, k); math.IsNaN(v) || math.IsInf(v, 0) {
+							want = k
+							break
+						}
+					}
+					if got := FirstNonFinite(b, dt); got != want {
+						t.Errorf("%s, %d values, planted %d at %d: got %d, want %d", dt, n, kind, plant, got, want)
+					}
+				}
+			}
+		}
+	}
+	if got := FirstNonFinite([]byte{0xff, 0xff, 0xff, 0xff}, I32); got != -1 {
+		t.Errorf("integer dtype: got %d, want -1", got)
+	}
+}
+
+// put stores the low size bytes of bits little-endian in b.
+func put(b []byte, bits uint64, size int) {
+	for i := range size {
+		b[i] = byte(bits >> (8 * i))
+	}
+}

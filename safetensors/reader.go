@@ -350,11 +350,21 @@ func (t *tensor) readFloat32(dst []float32) error {
 	return nil
 }
 
-// decodeMapped is DecodeToFloat32 on memory-mapped src. Where the file
-// shrank since it was mapped (truncated or overwritten in place by another
-// process) or its storage fails, touching src faults (SIGBUS); that becomes
-// an error here instead of a crash.
-func decodeMapped(dst []float32, src []byte, dt DType) (err error) {
+// decodeMapped is DecodeToFloat32 on memory-mapped src, reporting a fault
+// as guardFault does.
+func decodeMapped(dst []float32, src []byte, dt DType) error {
+	var err error
+	if ferr := guardFault(func() { err = DecodeToFloat32(dst, src, dt) }); ferr != nil {
+		return ferr
+	}
+	return err
+}
+
+// guardFault runs f, which reads memory-mapped data. Where the file shrank
+// since it was mapped (truncated or overwritten in place by another
+// process) or its storage fails, touching the mapping faults (SIGBUS);
+// that becomes an error here instead of a crash. Other panics of f go on.
+func guardFault(f func()) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		r := recover()
@@ -367,7 +377,8 @@ func decodeMapped(dst []float32, src []byte, dt DType) (err error) {
 		}
 		panic(r)
 	}()
-	return DecodeToFloat32(dst, src, dt)
+	f()
+	return nil
 }
 
 func (t *tensor) readError(err error) error {
@@ -377,4 +388,58 @@ func (t *tensor) readError(err error) error {
 func (t *tensor) dtypeError() error {
 	return fmt.Errorf("read tensor %q from %s: dtype %s cannot be decoded as float32: %w",
 		t.info.Name, t.info.File, t.info.DType, ErrUnsupportedDType)
+}
+
+// streamChunk is the size of the pieces ReadStored hands out: large enough
+// that a write of each goes straight to the file, small enough to stay in
+// cache between a check and the write.
+const streamChunk = 4 << 20
+
+// ReadStored calls fn with the stored bytes of the named tensor, in order,
+// in chunks of whole elements; first is the flat index of a chunk's first
+// element. A chunk is valid only during the call and must not be
+// modified. An error from fn stops the reading and is returned as is.
+//
+// It is the way to copy a tensor without decoding it: on a memory-mapped
+// file the chunks are views of the mapping, released from the resident set
+// once passed, and a file that shrank since it was opened is reported as
+// an error, not a crash.
+func (c *Checkpoint) ReadStored(name string, fn func(chunk []byte, first int) error) error {
+	t, err := c.lookup(name)
+	if err != nil {
+		return err
+	}
+	size, ok := dtypeSize(t.info.DType)
+	if !ok || size == 0 {
+		return t.dtypeError()
+	}
+	step := streamChunk / size * size
+	if m := t.shard.mem; m != nil {
+		data := m[t.off : t.off+t.info.Bytes]
+		for at := int64(0); at < int64(len(data)); at += step {
+			chunk := data[at:min(at+step, int64(len(data)))]
+			var fnErr error
+			if err := guardFault(func() { fnErr = fn(chunk, int(at/size)) }); err != nil {
+				return t.readError(err)
+			}
+			if fnErr != nil {
+				return fnErr
+			}
+			if t.shard.mapped {
+				releaseMapped(m, t.off+at, int64(len(chunk)))
+			}
+		}
+		return nil
+	}
+	buf := make([]byte, min(t.info.Bytes, step))
+	for at := int64(0); at < t.info.Bytes; at += step {
+		chunk := buf[:min(step, t.info.Bytes-at)]
+		if err := t.shard.readAt(chunk, t.off+at); err != nil {
+			return t.readError(err)
+		}
+		if err := fn(chunk, int(at/size)); err != nil {
+			return err
+		}
+	}
+	return nil
 }

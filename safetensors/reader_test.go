@@ -317,3 +317,76 @@ func TestOtherDTypes(t *testing.T) {
 		t.Errorf("Float32(ids) = %v, %v", got, err)
 	}
 }
+
+// ReadStored hands out a tensor's stored bytes in order, in chunks of
+// whole elements whose first indices add up, on both read paths.
+func TestReadStored(t *testing.T) {
+	bothPaths(t, func(t *testing.T, open func(string) (*Checkpoint, error)) {
+		dir := t.TempDir()
+		// Sizes around the chunk size; 3 bytes of F16 padding are avoided
+		// by the even element counts of the odd-sized dtypes.
+		tests := []struct {
+			name  string
+			dt    DType
+			elems int
+		}{
+			{"empty", BF16, 0},
+			{"small", F16, 7},
+			{"one-chunk", F32, streamChunk / 4},
+			{"chunk-and-a-bit", BF16, streamChunk/2 + 5},
+			{"several", F64, 3*streamChunk/8 + 1},
+		}
+		var specs []TensorSpec
+		for i, tc := range tests {
+			data := make([]float32, tc.elems)
+			for j := range data {
+				data[j] = float32((j*7+i)%251) - 125
+			}
+			specs = append(specs, Float32Tensor(tc.name, tc.dt, []int{tc.elems}, data))
+		}
+		if err := WriteCheckpoint(context.Background(), dir, specs, WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		c, err := open(filepath.Join(dir, "model.safetensors"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		for _, tc := range tests {
+			t.Run(tc.name, func(t *testing.T) {
+				raw, err := c.Raw(tc.name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := bytes.Clone(raw)
+				size := int(tc.dt.Size())
+				var got []byte
+				err = c.ReadStored(tc.name, func(b []byte, first int) error {
+					if first*size != len(got) {
+						t.Errorf("chunk at byte %d says it starts at element %d", len(got), first)
+					}
+					if len(b)%size != 0 || len(b) == 0 {
+						t.Errorf("chunk of %d bytes for %d-byte elements", len(b), size)
+					}
+					got = append(got, b...)
+					return nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, want) {
+					t.Errorf("streamed %d bytes differ from the %d stored", len(got), len(want))
+				}
+			})
+		}
+		stop := errors.New("stop")
+		calls := 0
+		err = c.ReadStored("several", func([]byte, int) error { calls++; return stop })
+		if err != stop || calls != 1 {
+			t.Errorf("callback error: got %v after %d calls, want it returned as is after 1", err, calls)
+		}
+		if err := c.ReadStored("absent", func([]byte, int) error { return nil }); !errors.Is(err, ErrNotFound) {
+			t.Errorf("absent tensor: %v, want ErrNotFound", err)
+		}
+	})
+}
