@@ -36,6 +36,18 @@ func writeSmall(t *testing.T, spec SyntheticSpec) string {
 // may change, drop (return false) or keep each tensor, and writes it with opts.
 func rewrite(t *testing.T, dir string, opts safetensors.WriteOptions, edit func(name string, data []float32) bool) string {
 	t.Helper()
+	return rewriteSpecs(t, dir, opts, func(info safetensors.TensorInfo, data []float32) (safetensors.TensorSpec, bool) {
+		if edit != nil && !edit(info.Name, data) {
+			return safetensors.TensorSpec{}, false
+		}
+		return safetensors.Float32Tensor(info.Name, info.DType, info.Shape, data), true
+	})
+}
+
+// rewriteSpecs copies dir's checkpoint into a new directory, each tensor
+// written as the spec that plan makes of it, or dropped (false).
+func rewriteSpecs(t *testing.T, dir string, opts safetensors.WriteOptions, plan func(info safetensors.TensorInfo, data []float32) (safetensors.TensorSpec, bool)) string {
+	t.Helper()
 	src, err := safetensors.Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -48,10 +60,9 @@ func rewrite(t *testing.T, dir string, opts safetensors.WriteOptions, edit func(
 		if err != nil {
 			t.Fatal(err)
 		}
-		if edit != nil && !edit(name, data) {
-			continue
+		if spec, ok := plan(info, data); ok {
+			specs = append(specs, spec)
 		}
-		specs = append(specs, safetensors.Float32Tensor(name, info.DType, info.Shape, data))
 	}
 	out := t.TempDir()
 	if err := safetensors.WriteCheckpoint(context.Background(), out, specs, opts); err != nil {
@@ -174,51 +185,30 @@ func TestWriteTensor(t *testing.T) {
 	const far = 2_300_000 // a flat index in the second 4 MiB chunk of bf16
 	// withEmbed rewrites base with the embedding stored as dt, edited.
 	withEmbed := func(t *testing.T, dt safetensors.DType, edit func(d []float32)) string {
-		src, err := safetensors.Open(base)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer src.Close()
-		var specs []safetensors.TensorSpec
-		for _, name := range src.Names() {
-			info, _ := src.Info(name)
-			data, err := src.Float32(name)
-			if err != nil {
-				t.Fatal(err)
+		return rewriteSpecs(t, base, safetensors.WriteOptions{}, func(info safetensors.TensorInfo, data []float32) (safetensors.TensorSpec, bool) {
+			if info.Name != embed {
+				return safetensors.Float32Tensor(info.Name, info.DType, info.Shape, data), true
 			}
-			if name == embed {
-				info.DType = dt
-				if edit != nil {
-					edit(data)
-				}
-				if dt == safetensors.F64 {
-					// Float32Tensor cannot store a value beyond float32.
-					specs = append(specs, safetensors.TensorSpec{Name: name, DType: dt, Shape: info.Shape, Write: func(w io.Writer) error {
-						b := make([]byte, 8*len(data))
-						for i, v := range data {
-							x := float64(v)
-							if i == 5 {
-								x = 1e300
-							}
-							binary.LittleEndian.PutUint64(b[8*i:], math.Float64bits(x))
-						}
-						_, err := w.Write(b)
-						return err
-					}})
-					continue
-				}
+			if edit != nil {
+				edit(data)
 			}
-			specs = append(specs, safetensors.Float32Tensor(name, info.DType, info.Shape, data))
-		}
-		out := t.TempDir()
-		if err := safetensors.WriteCheckpoint(context.Background(), out, specs, safetensors.WriteOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		cfg, _ := os.ReadFile(filepath.Join(base, "config.json"))
-		if err := os.WriteFile(filepath.Join(out, "config.json"), cfg, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return out
+			if dt != safetensors.F64 {
+				return safetensors.Float32Tensor(info.Name, dt, info.Shape, data), true
+			}
+			// Float32Tensor cannot store a value beyond float32.
+			return safetensors.TensorSpec{Name: info.Name, DType: dt, Shape: info.Shape, Write: func(w io.Writer) error {
+				b := make([]byte, 8*len(data))
+				for i, v := range data {
+					x := float64(v)
+					if i == 5 {
+						x = 1e300
+					}
+					binary.LittleEndian.PutUint64(b[8*i:], math.Float64bits(x))
+				}
+				_, err := w.Write(b)
+				return err
+			}}, true
+		})
 	}
 	for _, tc := range []struct {
 		name     string
