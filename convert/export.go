@@ -13,11 +13,12 @@ import (
 )
 
 // sideFiles are copied from the source next to the converted weights:
-// tokenizers and generation settings do not change.
+// tokenizers, chat templates and generation settings do not change.
 func sideFiles() []string {
 	return []string{
 		"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-		"tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+		"tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+		"chat_template.jinja", "chat_template.json", "generation_config.json",
 	}
 }
 

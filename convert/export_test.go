@@ -3,6 +3,7 @@ package convert
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -136,5 +137,41 @@ func TestRunPassesKeptTensorsOn(t *testing.T) {
 				t.Fatal("no kept tensor in the output")
 			}
 		})
+	}
+}
+
+// The tokenizer, chat-template and generation files present beside the
+// source's weights are copied unchanged and listed; others are not.
+func TestRunCopiesSideFiles(t *testing.T) {
+	src := writeSynthetic(t)
+	extra := map[string]string{
+		"chat_template.jinja":    "{% for m in messages %}{{ m.content }}{% endfor %}",
+		"added_tokens.json":      `{"<tool>": 257}`,
+		"generation_config.json": `{"do_sample": false}`,
+		"notes.txt":              "not a side file",
+	}
+	for name, text := range extra {
+		if err := os.WriteFile(filepath.Join(src, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := filepath.Join(t.TempDir(), "mla")
+	sum, err := Run(context.Background(), Job{Source: src, Output: out, Options: Options{RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightAttention, Rank: 24}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"tokenizer.json", "added_tokens.json", "chat_template.jinja", "generation_config.json"}
+	if !slices.Equal(sum.Copied, want) {
+		t.Errorf("copied %v, want %v", sum.Copied, want)
+	}
+	for _, name := range want {
+		a, _ := os.ReadFile(filepath.Join(src, name))
+		b, err := os.ReadFile(filepath.Join(out, name))
+		if err != nil || !bytes.Equal(a, b) {
+			t.Errorf("%s: not copied unchanged (%v)", name, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(out, "notes.txt")); err == nil {
+		t.Error("notes.txt was copied")
 	}
 }

@@ -143,8 +143,9 @@ func (o Options) Method(calibrated bool) string {
 
 // Run converts job.Source into job.Output one layer at a time: each layer
 // is read, calibrated (its attention inputs collected by running it on the
-// calibration hidden states), converted and written before the next is
-// read.
+// calibration hidden states), converted and written; the next layer is
+// read and converted while one is written. The tensors conversion does
+// not change are copied from the source.
 //
 // The result is built in a temporary directory beside Output, named
 // .OUTPUT.partial-*, and renamed to Output only when complete and synced;
@@ -331,6 +332,11 @@ func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options
 		// weights would underflow f16's range.
 		return opts, errors.New("--format deepseek-v3-stock cannot be stored as f16 (its scaled-down latent weights underflow); use --dtype bf16 or f32")
 	}
+	// The config is written last: what it cannot express (a sliding
+	// window, say) must fail before the layers are converted.
+	if _, err := model.DeepSeekV3Config(TargetConfig(src, opts), nil); err != nil {
+		return opts, err
+	}
 	return opts, nil
 }
 
@@ -339,8 +345,9 @@ func checkOutput(source, output string, force bool) error {
 	if output == "" {
 		return errors.New("no output directory (-o DIR)")
 	}
-	a, _ := filepath.Abs(source)
-	b, _ := filepath.Abs(output)
+	// Compared with their links resolved: replacing an output that is
+	// the source, or holds it, under another name would delete it.
+	a, b := resolvedPath(source), resolvedPath(output)
 	if a == b || within(a, b) || within(b, a) {
 		return fmt.Errorf("output %s is, contains or lies inside the source %s; convert never modifies its input", output, source)
 	}
@@ -350,6 +357,27 @@ func checkOutput(source, output string, force bool) error {
 		return fmt.Errorf("output %s: %w", output, err)
 	}
 	return nil
+}
+
+// resolvedPath is path made absolute with its symbolic links resolved, as
+// far as it exists.
+func resolvedPath(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return path
+	}
+	rest := "" // the trailing elements that do not exist
+	for p := abs; ; {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return filepath.Join(r, rest)
+		}
+		parent := filepath.Dir(p)
+		if parent == p {
+			return abs
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
+		p = parent
+	}
 }
 
 // within reports whether path lies inside dir.
@@ -707,6 +735,8 @@ func torchDType(dt safetensors.DType) string {
 		return "bfloat16"
 	case safetensors.F16:
 		return "float16"
+	case safetensors.F64:
+		return "float64"
 	default:
 		return "float32"
 	}

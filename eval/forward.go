@@ -5,6 +5,7 @@ package eval
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
@@ -38,6 +39,17 @@ func NewRunner(m *model.Model, be kernels.Backend, maxPos int) (*Runner, error) 
 
 // NewRunnerWith prepares a runner with explicit options.
 func NewRunnerWith(m *model.Model, be kernels.Backend, opts Options) (*Runner, error) {
+	if opts.MaxPositions <= 0 {
+		return nil, fmt.Errorf("runner: max positions %d must be positive", opts.MaxPositions)
+	}
+	switch opts.CacheDType {
+	case kernels.RowF32, kernels.RowBF16, kernels.RowF16:
+	default:
+		return nil, fmt.Errorf("runner: cache dtype %d is not one of f32, bf16, f16", opts.CacheDType)
+	}
+	if opts.MLAPath < PathAuto || opts.MLAPath > PathDecompressed {
+		return nil, fmt.Errorf("runner: attention path %d is not one of %s", opts.MLAPath, strings.Join(MLAPaths(), ", "))
+	}
 	e, err := newLayerEngine(m.Config, be, opts.MaxPositions, opts.MLAPath)
 	if err != nil {
 		return nil, err
@@ -154,16 +166,31 @@ func (r *Runner) ForwardBatch(ctx context.Context, caches []*KVCache, tokens [][
 	}
 	segs := make([]segment, len(tokens))
 	var all []int
+	seen := make(map[*KVCache]int, len(caches))
 	for i, t := range tokens {
 		c := caches[i]
 		if len(t) == 0 {
 			return nil, fmt.Errorf("forward: sequence %d has no tokens", i)
 		}
+		if c == nil {
+			return nil, fmt.Errorf("forward: the cache of sequence %d is nil; make one with NewCache", i)
+		}
+		// Two sequences writing the same rows would corrupt each other.
+		if j, dup := seen[c]; dup {
+			return nil, fmt.Errorf("forward: sequences %d and %d share one cache; give each its own", j, i)
+		}
+		seen[c] = i
 		if len(c.layers) != len(m.Layers) {
 			return nil, fmt.Errorf("forward: cache of sequence %d has %d layers, the model %d", i, len(c.layers), len(m.Layers))
 		}
+		if w := c.layers[0].Width(); w != e.rowWidth {
+			return nil, fmt.Errorf("forward: cache of sequence %d holds rows of %d values, this model's layers write %d (a cache of another model?)", i, w, e.rowWidth)
+		}
 		if c.len+len(t) > c.cap {
 			return nil, fmt.Errorf("forward: %d positions exceed the cache capacity %d", c.len+len(t), c.cap)
+		}
+		if c.len+len(t) > r.MaxPositions() {
+			return nil, fmt.Errorf("forward: %d positions exceed the runner's %d", c.len+len(t), r.MaxPositions())
 		}
 		segs[i] = segment{past: c.len, n: len(t)}
 		all = append(all, t...)

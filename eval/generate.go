@@ -20,8 +20,13 @@ func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) (
 	if len(prompt) == 0 {
 		return nil, fmt.Errorf("generate: empty prompt (the tokenizer adds no BOS; give a prompt)")
 	}
-	if len(prompt)+opt.MaxTokens > r.MaxPositions() {
-		return nil, fmt.Errorf("generate: prompt %d + %d new tokens exceed %d positions", len(prompt), opt.MaxTokens, r.MaxPositions())
+	if opt.MaxTokens < 0 {
+		return nil, fmt.Errorf("generate: %d new tokens asked for; give 0 or more", opt.MaxTokens)
+	}
+	// The last new token is produced, never run through the model: it
+	// takes no position.
+	if need := len(prompt) + max(opt.MaxTokens-1, 0); need > r.MaxPositions() {
+		return nil, fmt.Errorf("generate: prompt %d + %d new tokens need %d positions, which exceed the runner's %d", len(prompt), opt.MaxTokens, need, r.MaxPositions())
 	}
 	cache := r.NewCache()
 	logits, err := r.Forward(ctx, cache, prompt, false)

@@ -40,8 +40,13 @@ func ParseMLAPath(name string) (MLAPath, error) {
 	return 0, fmt.Errorf("attention path %q is not one of auto, absorbed, decompressed", name)
 }
 
-// String is the path's name.
-func (p MLAPath) String() string { return MLAPaths()[p] }
+// String is the path's name, or MLAPath(n) for a value that names none.
+func (p MLAPath) String() string {
+	if p < PathAuto || p > PathDecompressed {
+		return fmt.Sprintf("MLAPath(%d)", int(p))
+	}
+	return MLAPaths()[p]
+}
 
 // layerEngine runs one decoder block, GQA or MLA, on the rows of one or
 // more sequences: the single per-layer code path behind Runner.Forward and

@@ -109,7 +109,8 @@ func randomModel(t testing.TB, cfg model.Config, seed uint64) *model.Model {
 }
 
 // referenceMLA computes the logits of every token in float64, straight
-// from the formulas of MLA's decompressed form.
+// from the formulas of MLA's decompressed form, each position attending to
+// the last SlidingWindow positions when the config has a window.
 func referenceMLA(m *model.Model, tokens []int) []float64 {
 	cfg := m.Config
 	mc := cfg.MLA
@@ -197,9 +198,13 @@ func referenceMLA(m *model.Model, tokens []int) []float64 {
 			out := make([]float64, H*dv)
 			for head := range H {
 				qh := q[t][head*(nope+dr) : (head+1)*(nope+dr)]
+				lo := 0
+				if cfg.SlidingWindow > 0 {
+					lo = max(0, t-cfg.SlidingWindow+1)
+				}
 				w := make([]float64, t+1)
 				mx := math.Inf(-1)
-				for s := range t + 1 {
+				for s := lo; s <= t; s++ {
 					var dot float64
 					for i := range qh {
 						dot += qh[i] * k[s][head][i]
@@ -208,11 +213,11 @@ func referenceMLA(m *model.Model, tokens []int) []float64 {
 					mx = math.Max(mx, w[s])
 				}
 				var sum float64
-				for s := range w {
+				for s := lo; s <= t; s++ {
 					w[s] = math.Exp(w[s] - mx)
 					sum += w[s]
 				}
-				for s := range w {
+				for s := lo; s <= t; s++ {
 					for i := range dv {
 						out[head*dv+i] += w[s] / sum * v[s][head][i]
 					}

@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+	"time"
 )
 
 // TestExp checks the float32 exponentials, scalar and vector, against
@@ -115,5 +116,24 @@ func TestInterleave(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// RMSNorm with no weights has no rows to normalise: it returns, leaving
+// dst alone, instead of stepping through x by zero forever.
+func TestRMSNormEmptyWeight(t *testing.T) {
+	done := make(chan struct{})
+	dst := []float32{7, 7}
+	go func() {
+		RMSNorm(dst, []float32{1, 2}, nil, 1e-5)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("RMSNorm with an empty weight did not return")
+	}
+	if dst[0] != 7 || dst[1] != 7 {
+		t.Errorf("dst %v changed", dst)
 	}
 }

@@ -151,3 +151,15 @@ func TestAuto(t *testing.T) {
 		t.Errorf("serial view of auto is %s, want go", s.Name())
 	}
 }
+
+// Empty products (m or n zero) are not timed: a time per row of C of an
+// empty C is no measurement, and must not decide a shape's backend.
+func TestAutoIgnoresEmptyProducts(t *testing.T) {
+	a := &Auto{native: NewNative(), other: Gonum{}, choice: map[shapeKey]*shapeStats{}}
+	for range 2*trialsPerBackend + 2 {
+		a.Gemm(false, true, 0, 8, 8, 1, nil, 8, make([]float32, 64), 8, 0, nil, 8)
+	}
+	for key, st := range a.choice {
+		t.Errorf("shape %+v recorded from empty products: %+v", key, st)
+	}
+}

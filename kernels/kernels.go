@@ -71,9 +71,13 @@ func Linear(be Backend, dst, x, w, bias []float32, m, out, in int) {
 }
 
 // RMSNorm writes dst[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight for each of
-// the rows of length len(weight). dst may alias x.
+// the rows of length len(weight). dst may alias x. An empty weight has no
+// rows to normalise.
 func RMSNorm(dst, x, weight []float32, eps float32) {
 	dim := len(weight)
+	if dim == 0 {
+		return
+	}
 	for r := 0; r+dim <= len(x); r += dim {
 		row := x[r : r+dim]
 		var ss float32

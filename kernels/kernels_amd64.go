@@ -51,7 +51,7 @@ func interleaveAVX512(kc int, src []float32, ld, rows int, dst []float32, dstStr
 // simdKernels lists the assembly kernels this CPU can run, fastest first.
 func simdKernels() []*gemmKernel {
 	var ks []*gemmKernel
-	if cpu.X86.HasAVX512F && cpu.X86.HasAVX512VL {
+	if hasAVX512 {
 		ks = append(ks, &gemmKernel{
 			name: "avx512", mr: 14, nr: 32,
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
@@ -95,8 +95,10 @@ func scaleAVX512(x *float32, n int, s float32)
 //go:noescape
 func swigluAVX512(gate, up *float32, n int)
 
-// hasAVX512 selects the AVX-512 element-wise loops; read-only after init.
-var hasAVX512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512VL
+// hasAVX512 selects the AVX-512 kernels; read-only after init. Their tail
+// masks are built with SHLX, a BMI2 instruction, which every AVX-512 CPU
+// has but a virtual machine may hide.
+var hasAVX512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512VL && cpu.X86.HasBMI2
 
 // softmaxSIMD is SoftmaxInPlace in vector code, or false when the CPU has
 // none for it.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 )
 
@@ -199,6 +200,49 @@ func BenchmarkRowAttentionDecode(b *testing.B) {
 					a.Attend(be, out, q, 1, ctx-1, rows)
 				}
 			})
+		}
+	}
+}
+
+// CopyFrom gives a store the source's rows, over several pages and over a
+// longer previous content, and refuses stores of another layout, naming
+// what differs.
+func TestRowsCopyFrom(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, dt := range []RowDType{RowF32, RowBF16, RowF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			src := NewRows(5, 8, dt)
+			vals := randSlice(rng, 21*5)
+			src.Write(0, vals)
+			dst := NewRows(5, 8, dt)
+			dst.Write(0, randSlice(rng, 30*5)) // longer: the extra rows go
+			if err := dst.CopyFrom(src); err != nil {
+				t.Fatal(err)
+			}
+			if dst.Len() != 21 {
+				t.Fatalf("copy has %d rows, want 21", dst.Len())
+			}
+			got, want := make([]float32, 21*5), make([]float32, 21*5)
+			dst.Read(got, 0, 21)
+			src.Read(want, 0, 21)
+			for i := range want {
+				if got[i] != want[i] {
+					t.Fatalf("value %d: %v, want %v", i, got[i], want[i])
+				}
+			}
+		})
+	}
+	src := NewRows(5, 8, RowBF16)
+	for _, tc := range []struct {
+		dst  *Rows
+		want string
+	}{
+		{NewRows(6, 8, RowBF16), "width 5"},
+		{NewRows(5, 8, RowF16), "bf16"},
+		{NewRows(5, 16, RowBF16), "pages of 8 rows"},
+	} {
+		if err := tc.dst.CopyFrom(src); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("copy into width %d %v pages of %d: error %v, want one containing %q", tc.dst.width, tc.dst.dtype, tc.dst.pageRows, err, tc.want)
 		}
 	}
 }

@@ -46,10 +46,11 @@ func ParseRowDType(name string) (RowDType, error) {
 }
 
 // Rows is a paged store of fixed-width rows: the KV cache of one layer, one
-// row per position. Pages of PageRows rows are allocated as positions are
-// written, so the memory held follows the longest sequence seen, not the
-// model's maximum context. Values are rounded to the store's dtype (to
-// nearest, ties to even) when written and widened to float32 when read.
+// row per position. Pages of pageRows rows (see NewRows) are allocated as
+// positions are written, so the memory held follows the longest sequence
+// seen, not the model's maximum context. Values are rounded to the store's
+// dtype (to nearest, ties to even) when written and widened to float32 when
+// read.
 type Rows struct {
 	width, pageRows int
 	dtype           RowDType
@@ -172,11 +173,12 @@ func widenBF16(dst []float32, src []uint16) {
 	}
 }
 
-// CopyFrom makes r a copy of src's rows; both must have the same width
-// and dtype.
+// CopyFrom makes r a copy of src's rows; both must have the same width,
+// dtype and page size.
 func (r *Rows) CopyFrom(src *Rows) error {
 	if r.width != src.width || r.dtype != src.dtype || r.pageRows != src.pageRows {
-		return fmt.Errorf("kernels: copying rows of width %d %v into width %d %v", src.width, src.dtype, r.width, r.dtype)
+		return fmt.Errorf("kernels: copying rows of width %d %v in pages of %d rows into width %d %v in pages of %d rows",
+			src.width, src.dtype, src.pageRows, r.width, r.dtype, r.pageRows)
 	}
 	r.Reserve(src.n)
 	for p := range (src.n + src.pageRows - 1) / src.pageRows {

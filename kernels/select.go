@@ -66,6 +66,12 @@ func (a *Auto) Name() string { return "auto(" + a.native.Name() + "," + a.other.
 
 // Gemm implements Backend.
 func (a *Auto) Gemm(transA, transB bool, m, n, k int, alpha float32, A []float32, lda int, B []float32, ldb int, beta float32, C []float32, ldc int) {
+	if m == 0 || n == 0 {
+		// Nothing to time: an empty C would record an infinite time per row
+		// for the shape class of m = 1 and could decide it.
+		a.native.Gemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
+		return
+	}
 	mk := 1
 	for mk < m {
 		mk *= 2

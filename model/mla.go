@@ -213,8 +213,13 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 	if c.MLA.RopeInvFreq != nil {
 		return nil, fmt.Errorf("deepseek-v3 config: custom RoPE frequencies cannot be written to config.json")
 	}
-	if c.MLPBias || c.SlidingWindow != 0 || c.HiddenAct != "silu" {
-		return nil, fmt.Errorf("deepseek-v3 config: MLP biases, a sliding window or hidden_act %q cannot be expressed", c.HiddenAct)
+	switch {
+	case c.MLPBias:
+		return nil, fmt.Errorf("deepseek-v3 config: MLP biases (mlp_bias) cannot be expressed")
+	case c.SlidingWindow != 0:
+		return nil, fmt.Errorf("deepseek-v3 config: a sliding window (sliding_window %d) cannot be expressed", c.SlidingWindow)
+	case c.HiddenAct != "silu":
+		return nil, fmt.Errorf("deepseek-v3 config: hidden_act %q cannot be expressed", c.HiddenAct)
 	}
 	c.Architecture = deepseekV3{}.Name()
 	if err := c.validate(); err != nil {
@@ -289,11 +294,15 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 			out[k] = v
 		}
 	}
-	for k, v := range map[string]bool{"kv_a_layernorm": m.KVANorm, "q_bias": m.QBias, "kv_a_bias": m.KVABias, "o_bias": c.OBias} {
-		if old, ok := meta[k]; ok && old != v {
-			return nil, fmt.Errorf("deepseek-v3 config: extra transmla.%s = %v contradicts the model config (%v)", k, old, v)
+	// In a fixed order, so that the error names the same flag every time.
+	for _, f := range []struct {
+		key string
+		v   bool
+	}{{"kv_a_layernorm", m.KVANorm}, {"q_bias", m.QBias}, {"kv_a_bias", m.KVABias}, {"o_bias", c.OBias}} {
+		if old, ok := meta[f.key]; ok && old != f.v {
+			return nil, fmt.Errorf("deepseek-v3 config: extra transmla.%s = %v contradicts the model config (%v)", f.key, old, f.v)
 		}
-		meta[k] = v
+		meta[f.key] = f.v
 	}
 	out["transmla"] = meta
 	b, err := json.MarshalIndent(out, "", "  ")

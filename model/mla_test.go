@@ -192,6 +192,13 @@ func TestDeepSeekV3ConfigErrors(t *testing.T) {
 	gqa.MLA = nil
 	custom := mlaConfig(false, rope.Scaling{})
 	custom.MLA.RopeInvFreq = []float64{1, 2, 3, 4}
+	windowed := mlaConfig(false, rope.Scaling{})
+	windowed.SlidingWindow = 64
+	mlpBias := mlaConfig(false, rope.Scaling{})
+	mlpBias.MLPBias = true
+	// Both flags contradict; the error names the first of kv_a_layernorm,
+	// q_bias, kv_a_bias and o_bias, the same on every call.
+	twoWrong := map[string]any{"transmla": map[string]any{"o_bias": false, "kv_a_layernorm": false}}
 	for _, tc := range []struct {
 		name  string
 		cfg   Config
@@ -203,11 +210,17 @@ func TestDeepSeekV3ConfigErrors(t *testing.T) {
 		{"extra overrides a derived key", mlaConfig(true, rope.Scaling{}), map[string]any{"hidden_size": 3}, `extra key "hidden_size"`},
 		{"contradicting transmla flag", mlaConfig(true, rope.Scaling{}), map[string]any{"transmla": map[string]any{"kv_a_layernorm": false}}, "transmla.kv_a_layernorm"},
 		{"transmla not an object", mlaConfig(true, rope.Scaling{}), map[string]any{"transmla": 3}, "must be an object"},
+		{"sliding window", windowed, nil, "sliding window (sliding_window 64)"},
+		{"MLP biases", mlpBias, nil, "mlp_bias"},
+		{"two contradicting transmla flags", mlaConfig(true, rope.Scaling{}), twoWrong, "transmla.kv_a_layernorm"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := DeepSeekV3Config(tc.cfg, tc.extra)
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %v, want %q", err, tc.want)
+			// Map order must not choose the error: ask several times.
+			for range 20 {
+				_, err := DeepSeekV3Config(tc.cfg, tc.extra)
+				if err == nil || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("error %v, want %q", err, tc.want)
+				}
 			}
 		})
 	}

@@ -212,12 +212,12 @@ func (r *Reader) AttentionLayer(ctx context.Context, i int) (*Layer, error) {
 
 // WriteTensor writes the named tensor, one of the model's, to w stored
 // as dt (BF16, F16, F32 or F64), after the checks that reading it makes: a
-// float dtype and finite values. A tensor stored as dt already is copied
-// byte for byte, its stored bits tested for finiteness chunk by chunk
-// (decoding and rounding back would give the same bytes); others are
-// decoded and rounded to nearest even chunk by chunk. Either way the
-// tensor is never held in memory whole: this is how a converter passes on
-// the weights it does not change.
+// float dtype and finite values, also once rounded to dt. A tensor stored
+// as dt already is copied byte for byte, its stored bits tested for
+// finiteness chunk by chunk (decoding and rounding back would give the
+// same bytes); others are decoded and rounded to nearest even chunk by
+// chunk. Either way the tensor is never held in memory whole: this is how
+// a converter passes on the weights it does not change.
 func (r *Reader) WriteTensor(ctx context.Context, name string, dt safetensors.DType, w io.Writer) error {
 	info, ok := r.ckpt.Info(name)
 	if !ok {
@@ -263,6 +263,11 @@ func (r *Reader) WriteTensor(ctx context.Context, name string, dt safetensors.DT
 		}
 		encoded = slices.Grow(encoded[:0], n*int(dt.Size()))[:n*int(dt.Size())]
 		safetensors.EncodeFloat32(encoded, values, dt)
+		// A finite value beyond dt's range rounds to an infinity, which
+		// would make the output unreadable.
+		if k := safetensors.FirstNonFinite(encoded, dt); k >= 0 {
+			return fmt.Errorf("checkpoint %s: tensor %q: value %v at flat index %d is beyond the range of %s", info.File, info.Name, values[k], first+k, dt)
+		}
 		_, err := w.Write(encoded)
 		return err
 	})

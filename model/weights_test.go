@@ -230,6 +230,11 @@ func TestWriteTensor(t *testing.T) {
 		{name: "f64 beyond float32", stored: safetensors.F64, as: safetensors.F32, // 1e300 at index 5
 			wantErr: []string{embed, "non-finite value (+Inf) at flat index 5"}},
 		{name: "integer target", stored: safetensors.BF16, as: safetensors.I32, wantErr: []string{embed, "not a float dtype"}},
+		// Rounded to f16, 1e5 would be written as +Inf, which Load refuses.
+		{name: "f32 beyond f16", stored: safetensors.F32, as: safetensors.F16,
+			edit: func(d []float32) { d[far] = 1e5 }, wantErr: []string{embed, "100000 at flat index 2300000", "F16"}},
+		{name: "f32 beyond bf16", stored: safetensors.F32, as: safetensors.BF16,
+			edit: func(d []float32) { d[7] = -math.MaxFloat32 }, wantErr: []string{embed, "at flat index 7", "BF16"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := withEmbed(t, tc.stored, tc.edit)

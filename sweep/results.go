@@ -155,7 +155,10 @@ func (res *Results) markdown() []byte {
 		b.WriteString("Data-free (no calibration). ")
 	}
 	windows := "all windows"
-	if s.MaxWindows > 0 {
+	switch {
+	case s.MaxWindows == 1:
+		windows = "the first window"
+	case s.MaxWindows > 1:
 		windows = fmt.Sprintf("the first %d windows", s.MaxWindows)
 	}
 	fmt.Fprintf(&b, "Perplexity on %s, %s of %d tokens", filepath.Base(s.Data), windows, s.Ctx)

@@ -241,6 +241,25 @@ func (c *Config) validate() error {
 	return nil
 }
 
+// outsideModel refuses a results directory that is the model directory
+// or lies inside it, as convert refuses such an output: the model is only
+// read, and results beside its weights would be mistaken for part of it.
+func outsideModel(model, dir string) error {
+	m, err := filepath.Abs(model)
+	if err != nil {
+		return fmt.Errorf("sweep: model %s: %w", model, err)
+	}
+	d, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("sweep: output %s: %w", dir, err)
+	}
+	rel, err := filepath.Rel(m, d)
+	if err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return fmt.Errorf("sweep: output %s is or lies inside the model %s, which a sweep never writes to; choose another directory", dir, model)
+	}
+	return nil
+}
+
 // originalName is the Method of the source's point.
 const originalName = "original"
 
@@ -393,6 +412,9 @@ type task struct {
 // and plots are rewritten after each point and at the end.
 func Run(ctx context.Context, c Config) (*Results, error) {
 	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	if err := outsideModel(c.Model, c.Dir); err != nil {
 		return nil, err
 	}
 	if c.Backend == nil {

@@ -365,3 +365,42 @@ func TestSweepFiles(t *testing.T) {
 		}
 	}
 }
+
+// A results directory that is the model or lies inside it is refused
+// before anything is written: the model directory is only read.
+func TestSweepRefusesOutputInsideModel(t *testing.T) {
+	var evals []string
+	c := syntheticConfig(t, []int{8}, &evals)
+	before, err := os.ReadDir(c.Model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, dir string }{
+		{"the model", c.Model},
+		{"a child", filepath.Join(c.Model, "sweep")},
+		{"a grandchild", filepath.Join(c.Model, "a", "b")},
+		{"the model, spelt with a dot", c.Model + string(filepath.Separator) + "."},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := c
+			bad.Dir = tc.dir
+			_, err := Run(context.Background(), bad)
+			if err == nil || !strings.Contains(err.Error(), "inside the model") {
+				t.Errorf("error %v, want one saying the output is inside the model", err)
+			}
+			after, err := os.ReadDir(c.Model)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(after) != len(before) {
+				t.Errorf("the model directory now holds %d entries, was %d", len(after), len(before))
+			}
+		})
+	}
+	// A sibling whose name starts with the model's is not inside it.
+	ok := c
+	ok.Dir = c.Model + "-sweep"
+	if _, err := Run(context.Background(), ok); err != nil {
+		t.Errorf("sibling output %s: %v", ok.Dir, err)
+	}
+}

@@ -132,3 +132,38 @@ func BenchmarkEncodeWikiText(b *testing.B) {
 		}
 	})
 }
+
+// stories260K's SentencePiece-style tokenizer (byte fallback, "▁" for
+// spaces) on whole files: the count is what Hugging Face's tokenizers.js
+// (@huggingface/tokenizers 0.2.0, an independent implementation) gives
+// for wiki.test.raw with the same tokenizer.json, BOS included, and
+// decoding the ids gives the text back byte for byte.
+func TestStories260KFiles(t *testing.T) {
+	tok := loadShared(t, "models/stories260K/tokenizer.json")
+	for _, tt := range []struct {
+		data   string
+		tokens int // 0: not measured independently
+	}{
+		{"wikitext-2-raw/wiki.test.raw", 809290},
+		{"calibration/heldout.txt", 0},
+	} {
+		t.Run(filepath.Base(tt.data), func(t *testing.T) {
+			text := readShared(t, "data/"+tt.data)
+			ids := tok.Encode(text, true)
+			if tt.tokens != 0 && len(ids) != tt.tokens {
+				t.Errorf("Encode gave %d tokens, want %d", len(ids), tt.tokens)
+			}
+			if ids[0] != 1 {
+				t.Errorf("first id %d, want BOS 1", ids[0])
+			}
+			if got := tok.Decode(ids, true); got != text {
+				i := 0
+				for i < len(got) && i < len(text) && got[i] == text[i] {
+					i++
+				}
+				t.Errorf("Decode(Encode(text)) differs from the text at byte %d: %q vs %q",
+					i, got[i:min(i+40, len(got))], text[i:min(i+40, len(text))])
+			}
+		})
+	}
+}

@@ -101,6 +101,9 @@ the speed is what is measured, not the quality) and marked.`,
 			if err != nil {
 				return usageError{err}
 			}
+			if err := checkCacheDType(c.String("cache-dtype")); err != nil {
+				return err
+			}
 			be, err := backendFor(c)
 			if err != nil {
 				return err
@@ -299,6 +302,18 @@ func copyBandwidth() float64 {
 	return 2 * 4 * size / median(5, run)
 }
 
+// checkCacheDType refuses an unknown --cache-dtype before any model is
+// read; cacheDType resolves it once the model is loaded.
+func checkCacheDType(name string) error {
+	if name == "model" {
+		return nil
+	}
+	if _, err := kernels.ParseRowDType(name); err != nil {
+		return usageError{fmt.Errorf("--cache-dtype: %w", err)}
+	}
+	return nil
+}
+
 // cacheDType maps --cache-dtype to a row dtype; "model" follows the
 // checkpoint's stored dtype.
 func cacheDType(name string, m *model.Model) (kernels.RowDType, error) {
@@ -331,7 +346,7 @@ func parseInts(list string) ([]int, error) {
 }
 
 func printBench(w io.Writer, rep benchReport) {
-	fmt.Fprintf(w, "%-40s %7s %5s %12s %12s %10s %9s %8s\n", "model", "ctx", "batch", "decode tok/s", "prefill tok/s", "KV cache", "attn GB/s", "of copy")
+	fmt.Fprintf(w, "%-40s %7s %5s %12s %13s %10s %9s %8s\n", "model", "ctx", "batch", "decode tok/s", "prefill tok/s", "KV cache", "attn GB/s", "of copy")
 	for _, r := range rep.Results {
 		name := r.Model
 		if len(name) > 40 {
@@ -341,7 +356,7 @@ func printBench(w io.Writer, rep benchReport) {
 		if r.BeyondTrainedPositions {
 			mark = " *"
 		}
-		fmt.Fprintf(w, "%-40s %7d %5d %12.1f %12.0f %10s %9.1f %7.0f%%%s\n", name, r.Ctx, r.Batch, r.DecodeTokensPerSecond,
+		fmt.Fprintf(w, "%-40s %7d %5d %12.1f %13.0f %10s %9.1f %7.0f%%%s\n", name, r.Ctx, r.Batch, r.DecodeTokensPerSecond,
 			r.PrefillTokensPerSecond, humanBytes(r.KVCacheBytesAllocated), r.AttentionBytesPerSecond/1e9, 100*r.AttentionOfCopy, mark)
 	}
 	for _, r := range rep.Ratios {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
-	"strconv"
 
 	"github.com/urfave/cli/v2"
 
@@ -37,8 +36,8 @@ directory appears only when complete; MODEL is never modified.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
 			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
-			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (required); at most 2·n_kv·head_dim − rope-dim"},
-			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim: even, dividing head_dim (default: 64, or the largest such divisor below it)"},
+			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank; at most 2·n_kv·head_dim − rope-dim", DefaultText: "none, required"},
+			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim: even, dividing head_dim", DefaultText: "64, or the largest such divisor below it"},
 			&cli.StringFlag{Name: "rope-select", Usage: "which key dims keep RoPE: rorope (PCA across KV heads), or per-head pairs 2norm, high, uniform", Value: rope.MethodRoRoPE},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of head_dim/rope-dim, or auto", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
@@ -80,21 +79,17 @@ directory appears only when complete; MODEL is never modified.`,
 			if !(opts.ValueWeight > 0) {
 				return usagef("--value-weight must be positive, got %v", opts.ValueWeight)
 			}
-			if c.String("calib") == "" {
-				for _, f := range []string{"calib-tokens", "calib-seq", "seed"} {
-					if c.IsSet(f) {
-						return usagef("--%s applies to calibrated conversions only: add --calib FILE", f)
-					}
-				}
+			cal, err := calibrationFlags(c, "conversions")
+			if err != nil {
+				return err
 			}
-			opts.FreqFold = 0
-			if f := c.String("freqfold"); f != "auto" {
-				n, err := strconv.Atoi(f)
-				if err != nil {
-					return usagef("--freqfold %q: want a number or auto", f)
-				}
-				opts.FreqFold = n
-			} else if opts.RopeMethod == rope.MethodRoRoPE {
+			if err := checkDType(c); err != nil {
+				return err
+			}
+			if opts.FreqFold, err = parseFreqFold(c.String("freqfold")); err != nil {
+				return err
+			}
+			if opts.FreqFold == 0 && opts.RopeMethod == rope.MethodRoRoPE {
 				opts.FreqFold = convert.AutoFreqFold(cfg.HeadDim, opts.RopeDim)
 			}
 			if err := opts.Validate(cfg); err != nil {
@@ -106,10 +101,7 @@ directory appears only when complete; MODEL is never modified.`,
 			}
 			job := convert.Job{
 				Source: dir, Output: c.String("output"), Force: c.Bool("force"),
-				Options: opts, DType: c.String("dtype"), Backend: be, Version: version,
-			}
-			if f := c.String("calib"); f != "" {
-				job.Calibration = &convert.Calibration{File: f, Tokens: c.Int("calib-tokens"), SeqLen: c.Int("calib-seq"), Seed: c.Uint64("seed")}
+				Options: opts, DType: c.String("dtype"), Calibration: cal, Backend: be, Version: version,
 			}
 			stages := []string{convert.StageCalibrate, convert.StageConvert, convert.StageWrite}
 			bar := newProgress(c.App.ErrWriter, cfg.NumLayers*len(stages), "converting")

@@ -82,6 +82,7 @@ func TestConvertBadInput(t *testing.T) {
 	if err := safetensors.WriteCheckpoint(t.Context(), nan, specs, safetensors.WriteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	calib := calibFile(t)
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -92,6 +93,10 @@ func TestConvertBadInput(t *testing.T) {
 		{"odd rope dim", []string{"convert", dir, "--dc", "32", "--rope-dim", "7"}, exitUsage, "--rope-dim 7 must be a positive even number"},
 		{"rope dim above head_dim", []string{"convert", dir, "--dc", "32", "--rope-dim", "64"}, exitUsage, "--rope-dim 64 exceeds head_dim 32"},
 		{"bad freqfold", []string{"convert", dir, "--dc", "32", "--freqfold", "3"}, exitUsage, "--freqfold 3"},
+		{"zero freqfold", []string{"convert", dir, "--dc", "32", "--freqfold", "0"}, exitUsage, "--freqfold 0"},
+		{"unknown dtype", []string{"convert", dir, "--dc", "32", "--dtype", "f8"}, exitUsage, `--dtype "f8"`},
+		{"calibration sequence too short", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-seq", "1"}, exitUsage, "--calib-seq 1"},
+		{"calibration shorter than a sequence", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-tokens", "100", "--calib-seq", "128"}, exitUsage, "--calib-tokens 100"},
 		{"missing dc", []string{"convert", dir}, exitUsage, "--dc"},
 		{"already MLA", []string{"convert", mla, "--dc", "32"}, exitError, "already MLA"},
 		{"non-finite weights", []string{"convert", nan, "--dc", "32"}, exitError, "non-finite"},

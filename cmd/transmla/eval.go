@@ -55,6 +55,13 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			if c.Int("max-windows") < 0 {
 				return usagef("--max-windows must not be negative")
 			}
+			path, err := eval.ParseMLAPath(c.String("mla-path"))
+			if err != nil {
+				return usageError{err}
+			}
+			if err := checkCacheDType(c.String("cache-dtype")); err != nil {
+				return err
+			}
 			dir, err := modelArg(c)
 			if err != nil {
 				return err
@@ -78,10 +85,6 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			dt, err := cacheDType(c.String("cache-dtype"), m)
 			if err != nil {
 				return err
-			}
-			path, err := eval.ParseMLAPath(c.String("mla-path"))
-			if err != nil {
-				return usageError{err}
 			}
 			runner, err := eval.NewRunnerWith(m, be, eval.Options{MaxPositions: c.Int("ctx"), CacheDType: dt, MLAPath: path})
 			if err != nil {

@@ -27,6 +27,9 @@ then decodes greedily until --max-tokens or an EOS token.`,
 			if c.Int("max-tokens") < 1 {
 				return usagef("--max-tokens must be at least 1, got %d", c.Int("max-tokens"))
 			}
+			if err := checkCacheDType(c.String("cache-dtype")); err != nil {
+				return err
+			}
 			dir, err := modelArg(c)
 			if err != nil {
 				return err

@@ -11,9 +11,13 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/kernels"
 )
 
 // Exit codes, documented in README.md.
@@ -54,10 +58,11 @@ func exitCode(ctx context.Context, err error, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "transmla: %v\n", err)
 	var ue usageError
+	var ce cli.ExitCoder // urfave/cli's own errors: help for an unknown command
 	switch {
 	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
 		return exitInterrupted
-	case errors.As(err, &ue):
+	case errors.As(err, &ue), errors.As(err, &ce):
 		return exitUsage
 	default:
 		return exitError
@@ -81,7 +86,19 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			} else {
 				return usagef("--threads must be positive, got %d", n)
 			}
+			// Checked for every command, also those that compute nothing,
+			// so that a misspelt backend never passes silently.
+			if b := c.String("blas"); !slices.Contains(kernels.BackendNames(), b) {
+				return usagef("--blas: unknown backend %q (want one of %s)", b, strings.Join(kernels.BackendNames(), ", "))
+			}
 			return nil
+		},
+		// Runs only when the first argument is not a command.
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return usagef("unknown command %q (see transmla --help)", c.Args().First())
+			}
+			return cli.ShowAppHelp(c)
 		},
 		OnUsageError:   onUsageError,
 		ExitErrHandler: func(*cli.Context, error) {}, // main decides the exit code

@@ -132,6 +132,15 @@ func TestErrorsAndExitCodes(t *testing.T) {
 		{"demo ctx out of range", []string{"demo", "--ctx", "1"}, exitUsage, "--ctx must be in [2,"},
 		{"demo keeps an existing dir", []string{"demo", "--dir", dir}, exitUsage, "exists; use --force"},
 		{"bad threads", []string{"--threads", "0", "inspect", dir}, exitUsage, "--threads must be positive"},
+		{"unknown backend, command that computes nothing", []string{"--blas", "fast", "inspect", dir}, exitUsage, `--blas: unknown backend "fast"`},
+		{"unknown command", []string{"evaluate", dir}, exitUsage, `unknown command "evaluate"`},
+		// Bad flag values are reported before the model is read, so a
+		// missing model does not mask them.
+		{"eval: unknown MLA path", []string{"eval", filepath.Join(dir, "absent"), "--data", "x", "--mla-path", "fast"}, exitUsage, `"fast"`},
+		{"eval: unknown cache dtype", []string{"eval", filepath.Join(dir, "absent"), "--data", "x", "--cache-dtype", "f8"}, exitUsage, `"f8"`},
+		{"generate: unknown cache dtype", []string{"generate", filepath.Join(dir, "absent"), "--cache-dtype", "f8"}, exitUsage, `"f8"`},
+		{"bench: unknown cache dtype", []string{"bench", filepath.Join(dir, "absent"), "--cache-dtype", "f8"}, exitUsage, `"f8"`},
+		{"help on an unknown command", []string{"help", "evaluate"}, exitUsage, "evaluate"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, stderr, code := run(t, tc.args...)

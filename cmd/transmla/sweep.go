@@ -35,7 +35,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "dc", Usage: "latent widths kv_lora_rank, comma-separated (required), e.g. 32,64,128,192,256,320,448"},
 			&cli.StringFlag{Name: "method", Usage: "comma-separated methods, each ROPE-SELECT+WEIGHTING (either part alone keeps the other's default): rope-select " + strings.Join(rope.Methods(), ", ") + "; weighting " + strings.Join(convert.Weightings(), ", "), Value: rope.MethodRoRoPE + "+" + convert.WeightAttention},
-			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim (default: 64, or the largest even divisor of head_dim below it)"},
+			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim", DefaultText: "64, or the largest even divisor of head_dim below it"},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, or auto", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
 			&cli.Float64Flag{Name: "value-weight", Usage: "attention weighting: weight of value error relative to key error", Value: 1},
@@ -65,8 +65,8 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			default:
 				return usagef("--device %q is not one of cpu, cuda", d)
 			}
-			if d := c.String("dtype"); d != "" && !slices.Contains([]string{"bf16", "f16", "f32"}, d) {
-				return usagef("--dtype %q is not one of bf16, f16, f32", d)
+			if err := checkDType(c); err != nil {
+				return err
 			}
 			if c.Int("ctx") < 2 {
 				return usagef("--ctx must be at least 2, got %d", c.Int("ctx"))
@@ -106,14 +106,8 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 				Dir: c.String("output"), Force: c.Bool("force"), KeepCheckpoints: c.Bool("keep-checkpoints"),
 				Backend: be, Version: version,
 			}
-			if f := c.String("calib"); f != "" {
-				sc.Calibration = &convert.Calibration{File: f, Tokens: c.Int("calib-tokens"), SeqLen: c.Int("calib-seq"), Seed: c.Uint64("seed")}
-			} else {
-				for _, f := range []string{"calib-tokens", "calib-seq", "seed"} {
-					if c.IsSet(f) {
-						return usagef("--%s applies to calibrated sweeps only: add --calib FILE", f)
-					}
-				}
+			if sc.Calibration, err = calibrationFlags(c, "sweeps"); err != nil {
+				return err
 			}
 			sc.Progress = sweepProgress(c)
 			res, err := sweep.Run(c.Context, sc)
@@ -162,13 +156,9 @@ func sweepMethods(c *cli.Context, cfg model.Config, maxRank int) ([]sweep.Method
 	if !(base.ValueWeight > 0) {
 		return nil, usagef("--value-weight must be positive, got %v", base.ValueWeight)
 	}
-	freqFold := 0 // auto
-	if f := c.String("freqfold"); f != "auto" {
-		n, err := strconv.Atoi(f)
-		if err != nil {
-			return nil, usagef("--freqfold %q: want a number or auto", f)
-		}
-		freqFold = n
+	freqFold, err := parseFreqFold(c.String("freqfold"))
+	if err != nil {
+		return nil, err
 	}
 	var methods []sweep.Method
 	for spec := range strings.SplitSeq(c.String("method"), ",") {

@@ -68,6 +68,9 @@ func TestSweepUsageErrors(t *testing.T) {
 		{[]string{"--dc", "16", "--method", "bkv,rorope+bkv"}, "twice"},
 		{[]string{"--dc", "16", "--seed", "3"}, "--calib"},
 		{[]string{"--dc", "16", "--dtype", "f8"}, "--dtype"},
+		{[]string{"--dc", "16", "--freqfold", "0"}, "--freqfold 0"},
+		{[]string{"--dc", "16", "--calib", data, "--calib-seq", "1"}, "--calib-seq 1"},
+		{[]string{"--dc", "16", "--calib", data, "--calib-tokens", "100", "--calib-seq", "128"}, "--calib-tokens 100"},
 		{[]string{"--dc", "16", "--ctx", "4096"}, "max_position_embeddings"},
 		{[]string{"--data", data}, "--dc is required"},
 	} {

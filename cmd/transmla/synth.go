@@ -89,12 +89,12 @@ and the embeddings 2.1 GB. Size flags given explicitly override the preset.`,
 	})
 }
 
-// writeSynthetic builds the checkpoint in a temporary sibling directory and
-// renames it into place, so dir is either absent, the old one, or complete.
 // syntheticTokenizer is the tokenizer.json written beside synthetic
 // checkpoints: byte-level, with one end-of-text special.
 func syntheticTokenizer() ([]byte, error) { return tokenizer.ByteLevelJSON("<|endoftext|>") }
 
+// writeSynthetic builds the checkpoint in a temporary sibling directory and
+// renames it into place, so dir is either absent, the old one, or complete.
 func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, force bool) error {
 	if _, err := os.Stat(dir); err == nil && !force {
 		return usagef("output %s exists; use --force to replace it", dir)

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"slices"
+	"strconv"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/transmla/transmla/convert"
+)
+
+// The conversion flags that convert and sweep share are read here, so
+// that both give them one meaning and refuse bad values as usage errors
+// (exit 2) before any work.
+
+// parseFreqFold reads --freqfold: a positive number, or auto (returned as
+// 0, which the caller resolves for the method).
+func parseFreqFold(s string) (int, error) {
+	if s == "auto" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		return 0, usagef("--freqfold %s: want a positive number or auto", s)
+	}
+	return n, nil
+}
+
+// checkDType refuses a --dtype that the export cannot write.
+func checkDType(c *cli.Context) error {
+	if d := c.String("dtype"); d != "" && !slices.Contains([]string{"bf16", "f16", "f32"}, d) {
+		return usagef("--dtype %q is not one of bf16, f16, f32", d)
+	}
+	return nil
+}
+
+// calibrationFlags reads --calib and its sizes; nil means data-free.
+// what names the runs ("conversions", "sweeps") in the message about
+// size flags given without --calib.
+func calibrationFlags(c *cli.Context, what string) (*convert.Calibration, error) {
+	file := c.String("calib")
+	if file == "" {
+		for _, f := range []string{"calib-tokens", "calib-seq", "seed"} {
+			if c.IsSet(f) {
+				return nil, usagef("--%s applies to calibrated %s only: add --calib FILE", f, what)
+			}
+		}
+		return nil, nil
+	}
+	cal := &convert.Calibration{File: file, Tokens: c.Int("calib-tokens"), SeqLen: c.Int("calib-seq"), Seed: c.Uint64("seed")}
+	if cal.SeqLen < 2 {
+		return nil, usagef("--calib-seq %d must be at least 2", cal.SeqLen)
+	}
+	if cal.Tokens < cal.SeqLen {
+		return nil, usagef("--calib-tokens %d is less than one sequence of --calib-seq %d", cal.Tokens, cal.SeqLen)
+	}
+	return cal, nil
+}
