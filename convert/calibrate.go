@@ -10,6 +10,11 @@ import (
 	"github.com/transmla/transmla/model"
 )
 
+// MaxCalibrationTokens bounds --calib-tokens at 512 times the default:
+// the hidden states of that many tokens alone take 256 GiB at 4096 model
+// dims, and a larger count would size allocations past any machine.
+const MaxCalibrationTokens = 1 << 24
+
 // CalibrationSequences cuts count sequences of seqLen tokens from ids at
 // offsets drawn with a fixed seed, so the same file always gives the same
 // calibration set.
@@ -19,6 +24,9 @@ func CalibrationSequences(ids []int, tokens, seqLen int, seed uint64) ([][]int, 
 	}
 	if tokens < seqLen {
 		return nil, fmt.Errorf("--calib-tokens %d is less than one sequence of %d", tokens, seqLen)
+	}
+	if tokens > MaxCalibrationTokens {
+		return nil, fmt.Errorf("--calib-tokens %d exceeds the limit of %d", tokens, MaxCalibrationTokens)
 	}
 	if len(ids) < seqLen {
 		return nil, fmt.Errorf("the calibration text has %d tokens, fewer than one sequence of %d", len(ids), seqLen)

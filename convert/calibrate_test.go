@@ -46,3 +46,23 @@ func TestMomentAccumulatorMatchesNaive(t *testing.T) {
 		}
 	}
 }
+
+// Calibration sizes that cannot work are refused before anything is
+// allocated for them.
+func TestCalibrationSequencesRejectsBadSizes(t *testing.T) {
+	ids := make([]int, 1000)
+	for _, tc := range []struct {
+		name           string
+		tokens, seqLen int
+	}{
+		{"sequence of one token", 100, 1},
+		{"fewer tokens than a sequence", 100, 128},
+		{"text shorter than a sequence", 2048, 1024},
+		{"beyond the limit", MaxCalibrationTokens + 1, 512},
+		{"beyond any allocation", math.MaxInt, 2},
+	} {
+		if seqs, err := CalibrationSequences(ids, tc.tokens, tc.seqLen, 1); err == nil {
+			t.Errorf("%s: %d sequences, want an error", tc.name, len(seqs))
+		}
+	}
+}

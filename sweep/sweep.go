@@ -424,10 +424,29 @@ func Run(ctx context.Context, c Config) (*Results, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(c.Dir, "points"), 0o755); err != nil {
+	_, statErr := os.Stat(c.Dir)
+	createdDir := errors.Is(statErr, fs.ErrNotExist)
+	points := filepath.Join(c.Dir, "points")
+	if err := os.MkdirAll(points, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", c.Dir, err)
 	}
-	st, err := load(&c, setup)
+	res, err := c.resume(ctx, setup)
+	if err != nil {
+		// A sweep that failed before finishing anything leaves no empty
+		// directories behind; os.Remove keeps any that hold a file.
+		os.Remove(points)
+		if createdDir {
+			os.Remove(c.Dir)
+		}
+		return nil, err
+	}
+	return res, nil
+}
+
+// resume computes the points that Dir/points lacks and rebuilds the
+// results.
+func (c *Config) resume(ctx context.Context, setup Setup) (*Results, error) {
+	st, err := load(c, setup)
 	if err != nil {
 		return nil, err
 	}
@@ -459,7 +478,7 @@ func Run(ctx context.Context, c Config) (*Results, error) {
 			planMethods = append(planMethods, mi)
 		}
 	}
-	r := &runner{c: &c, setup: setup, st: st, steps: len(tasks)}
+	r := &runner{c: c, setup: setup, st: st, steps: len(tasks)}
 	if evalOriginal {
 		r.steps++
 	}

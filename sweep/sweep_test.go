@@ -404,3 +404,49 @@ func TestSweepRefusesOutputInsideModel(t *testing.T) {
 		t.Errorf("sibling output %s: %v", ok.Dir, err)
 	}
 }
+
+// A sweep that fails before any point is finished leaves no directory of
+// its own behind, and removes nothing that was there before.
+func TestFailedSweepLeavesNoEmptyDirectory(t *testing.T) {
+	var evals []string
+	c := syntheticConfig(t, []int{16}, &evals)
+	short := filepath.Join(t.TempDir(), "short.txt")
+	if err := os.WriteFile(short, []byte("far too short to calibrate on"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.Calibration.File = short
+	if _, err := Run(context.Background(), c); err == nil {
+		t.Fatal("a sweep calibrated on a few tokens succeeded")
+	}
+	if _, err := os.Stat(c.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the failed sweep left %s behind (%v)", c.Dir, err)
+	}
+	// An existing directory, with a file of the user's, stays as it was.
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	mine := filepath.Join(c.Dir, "notes.txt")
+	if err := os.WriteFile(mine, []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Run(context.Background(), c); err == nil {
+		t.Fatal("a sweep calibrated on a few tokens succeeded")
+	}
+	if got := dirNames(t, c.Dir); !slices.Equal(got, []string{"notes.txt"}) {
+		t.Errorf("after a failed sweep the directory holds %v, want only notes.txt", got)
+	}
+}
+
+// dirNames lists dir's entries.
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range es {
+		names = append(names, e.Name())
+	}
+	return names
+}

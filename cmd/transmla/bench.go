@@ -115,7 +115,7 @@ the speed is what is measured, not the quality) and marked.`,
 				if err != nil {
 					return err
 				}
-				m, _, err := loadModel(c.Context, dir, c.App.ErrWriter)
+				m, err := loadWeights(c.Context, dir, c.App.ErrWriter)
 				if err != nil {
 					return err
 				}

@@ -97,6 +97,7 @@ func TestConvertBadInput(t *testing.T) {
 		{"unknown dtype", []string{"convert", dir, "--dc", "32", "--dtype", "f8"}, exitUsage, `--dtype "f8"`},
 		{"calibration sequence too short", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-seq", "1"}, exitUsage, "--calib-seq 1"},
 		{"calibration shorter than a sequence", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-tokens", "100", "--calib-seq", "128"}, exitUsage, "--calib-tokens 100"},
+		{"calibration beyond any memory", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-tokens", "9000000000000000000"}, exitUsage, "exceeds the limit"},
 		{"missing dc", []string{"convert", dir}, exitUsage, "--dc"},
 		{"already MLA", []string{"convert", mla, "--dc", "32"}, exitError, "already MLA"},
 		{"non-finite weights", []string{"convert", nan, "--dc", "32"}, exitError, "non-finite"},

@@ -54,5 +54,8 @@ func calibrationFlags(c *cli.Context, what string) (*convert.Calibration, error)
 	if cal.Tokens < cal.SeqLen {
 		return nil, usagef("--calib-tokens %d is less than one sequence of --calib-seq %d", cal.Tokens, cal.SeqLen)
 	}
+	if cal.Tokens > convert.MaxCalibrationTokens {
+		return nil, usagef("--calib-tokens %d exceeds the limit of %d", cal.Tokens, convert.MaxCalibrationTokens)
+	}
 	return cal, nil
 }

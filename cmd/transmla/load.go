@@ -42,10 +42,16 @@ func loadModel(ctx context.Context, dir string, stderr io.Writer) (*model.Model,
 	if err != nil {
 		return nil, nil, err
 	}
+	m, err := loadWeights(ctx, dir, stderr)
+	return m, tok, err
+}
+
+// loadWeights reads the checkpoint in dir, with a progress bar; commands
+// that feed token ids of their own need no tokenizer.
+func loadWeights(ctx context.Context, dir string, stderr io.Writer) (*model.Model, error) {
 	p := newProgress(stderr, 1, "loading weights")
 	defer p.Done()
-	m, err := model.Load(ctx, dir, p.Set)
-	return m, tok, err
+	return model.Load(ctx, dir, p.Set)
 }
 
 // checkContext rejects a window longer than the model's trained context

@@ -71,6 +71,7 @@ func TestSweepUsageErrors(t *testing.T) {
 		{[]string{"--dc", "16", "--freqfold", "0"}, "--freqfold 0"},
 		{[]string{"--dc", "16", "--calib", data, "--calib-seq", "1"}, "--calib-seq 1"},
 		{[]string{"--dc", "16", "--calib", data, "--calib-tokens", "100", "--calib-seq", "128"}, "--calib-tokens 100"},
+		{[]string{"--dc", "16", "--calib", data, "--calib-tokens", "9000000000000000000"}, "exceeds the limit"},
 		{[]string{"--dc", "16", "--ctx", "4096"}, "max_position_embeddings"},
 		{[]string{"--data", data}, "--dc is required"},
 	} {
