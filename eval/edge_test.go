@@ -2,8 +2,6 @@ package eval
 
 import (
 	"context"
-	"math"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -23,159 +21,6 @@ func gqaConfig(window int, biases bool) model.Config {
 		Rope:      rope.Params{Dim: 8, Theta: 10000},
 		HiddenAct: "silu", BOSTokenID: -1, QKVBias: biases, SlidingWindow: window,
 	}
-}
-
-// randomGQAModel fills a GQA model of cfg with Gaussian weights.
-func randomGQAModel(t testing.TB, cfg model.Config, seed uint64) *model.Model {
-	t.Helper()
-	rng := rand.New(rand.NewPCG(seed, 3))
-	vec := func(n int, std float64) []float32 {
-		v := make([]float32, n)
-		for i := range v {
-			v[i] = float32(rng.NormFloat64() * std)
-		}
-		return v
-	}
-	lin := func(out, in int, bias bool) model.Linear {
-		l := model.Linear{W: vec(out*in, 1/math.Sqrt(float64(in)))}
-		if bias {
-			l.B = vec(out, 0.3)
-		}
-		return l
-	}
-	norm := func(n int) []float32 {
-		v := vec(n, 0.2)
-		for j := range v {
-			v[j]++
-		}
-		return v
-	}
-	D, I, H, G, d := cfg.HiddenSize, cfg.IntermediateSize, cfg.NumHeads, cfg.NumKVHeads, cfg.HeadDim
-	m := &model.Model{Config: cfg, Embed: vec(cfg.VocabSize*D, 1), Norm: norm(D), Layers: make([]model.Layer, cfg.NumLayers)}
-	for i := range m.Layers {
-		m.Layers[i] = model.Layer{
-			AttnNorm: norm(D), MLPNorm: norm(D),
-			Q: lin(H*d, D, cfg.QKVBias), K: lin(G*d, D, cfg.QKVBias), V: lin(G*d, D, cfg.QKVBias), O: lin(D, H*d, false),
-			Gate: lin(I, D, false), Up: lin(I, D, false), Down: lin(D, I, false),
-		}
-	}
-	m.LMHead = lin(cfg.VocabSize, D, false)
-	return m
-}
-
-// referenceGQA computes the logits of every token in float64 from the
-// formulas: rotate-half RoPE, grouped heads, causal softmax limited to the
-// last SlidingWindow positions.
-func referenceGQA(m *model.Model, tokens []int) []float64 {
-	cfg := m.Config
-	D, H, G, d, I, T := cfg.HiddenSize, cfg.NumHeads, cfg.NumKVHeads, cfg.HeadDim, cfg.IntermediateSize, len(tokens)
-	inv, attnFactor, err := cfg.Rope.InvFreq()
-	if err != nil {
-		panic(err)
-	}
-	lin := func(l model.Linear, x []float64, out int) []float64 {
-		y := make([]float64, out)
-		for o := range out {
-			var s float64
-			for i, v := range x {
-				s += float64(l.W[o*len(x)+i]) * v
-			}
-			if l.B != nil {
-				s += float64(l.B[o])
-			}
-			y[o] = s
-		}
-		return y
-	}
-	rms := func(x []float64, w []float32) []float64 {
-		var ss float64
-		for _, v := range x {
-			ss += v * v
-		}
-		inv := 1 / math.Sqrt(ss/float64(len(x))+cfg.RMSNormEps)
-		y := make([]float64, len(x))
-		for i, v := range x {
-			y[i] = v * inv * float64(w[i])
-		}
-		return y
-	}
-	rot := func(x []float64, pos int) {
-		half := len(inv)
-		for j, f := range inv {
-			s, c := math.Sincos(float64(pos) * f)
-			s, c = s*attnFactor, c*attnFactor
-			x[j], x[j+half] = x[j]*c-x[j+half]*s, x[j+half]*c+x[j]*s
-		}
-	}
-	x := make([][]float64, T)
-	for t, tok := range tokens {
-		x[t] = make([]float64, D)
-		for i := range D {
-			x[t][i] = float64(m.Embed[tok*D+i])
-		}
-	}
-	scale := 1 / math.Sqrt(float64(d))
-	for _, l := range m.Layers {
-		q, k, v := make([][]float64, T), make([][]float64, T), make([][]float64, T)
-		for t := range T {
-			h := rms(x[t], l.AttnNorm)
-			q[t], k[t], v[t] = lin(l.Q, h, H*d), lin(l.K, h, G*d), lin(l.V, h, G*d)
-			for head := range H {
-				rot(q[t][head*d:(head+1)*d], t)
-			}
-			for g := range G {
-				rot(k[t][g*d:(g+1)*d], t)
-			}
-		}
-		for t := range T {
-			lo := 0
-			if cfg.SlidingWindow > 0 {
-				lo = max(0, t-cfg.SlidingWindow+1)
-			}
-			out := make([]float64, H*d)
-			for head := range H {
-				g := head / (H / G)
-				w := make([]float64, t+1-lo)
-				mx := math.Inf(-1)
-				for s := lo; s <= t; s++ {
-					var dot float64
-					for i := range d {
-						dot += q[t][head*d+i] * k[s][g*d+i]
-					}
-					w[s-lo] = dot * scale
-					mx = math.Max(mx, w[s-lo])
-				}
-				var sum float64
-				for i := range w {
-					w[i] = math.Exp(w[i] - mx)
-					sum += w[i]
-				}
-				for s := lo; s <= t; s++ {
-					for i := range d {
-						out[head*d+i] += w[s-lo] / sum * v[s][g*d+i]
-					}
-				}
-			}
-			o := lin(l.O, out, D)
-			for i := range D {
-				x[t][i] += o[i]
-			}
-			h := rms(x[t], l.MLPNorm)
-			gate, up := lin(l.Gate, h, I), lin(l.Up, h, I)
-			for i := range gate {
-				gate[i] = gate[i] / (1 + math.Exp(-gate[i])) * up[i]
-			}
-			dn := lin(l.Down, gate, D)
-			for i := range D {
-				x[t][i] += dn[i]
-			}
-		}
-	}
-	var logits []float64
-	for t := range T {
-		logits = append(logits, lin(m.LMHead, rms(x[t], m.Norm), cfg.VocabSize)...)
-	}
-	return logits
 }
 
 // edgeTokens returns n token ids of a vocabulary of v, reproducibly.
@@ -200,9 +45,9 @@ func TestForwardBatchMatchesReference(t *testing.T) {
 		ref  func(*model.Model, []int) []float64
 		path MLAPath
 	}{
-		{"gqa", randomGQAModel(t, gqaConfig(0, true), 1), referenceGQA, PathAuto},
-		{"gqa window 5", randomGQAModel(t, gqaConfig(5, false), 2), referenceGQA, PathAuto},
-		{"gqa window 130", randomGQAModel(t, gqaConfig(130, true), 3), referenceGQA, PathAuto},
+		{"gqa", randomModel(t, gqaConfig(0, true), 1), referenceGQA, PathAuto},
+		{"gqa window 5", randomModel(t, gqaConfig(5, false), 2), referenceGQA, PathAuto},
+		{"gqa window 130", randomModel(t, gqaConfig(130, true), 3), referenceGQA, PathAuto},
 		{"mla window 7 absorbed", randomModel(t, mlaWindowed, 4), referenceMLA, PathAbsorbed},
 		{"mla window 7 decompressed", randomModel(t, mlaWindowed, 4), referenceMLA, PathDecompressed},
 	} {
@@ -261,7 +106,7 @@ func TestForwardBatchMatchesReference(t *testing.T) {
 // that stores nothing).
 func TestRunnerRejectsBadInput(t *testing.T) {
 	ctx := context.Background()
-	m := randomGQAModel(t, gqaConfig(0, false), 1)
+	m := randomModel(t, gqaConfig(0, false), 1)
 	r, err := NewRunner(m, kernels.NewNative(), 8)
 	if err != nil {
 		t.Fatal(err)
@@ -322,7 +167,7 @@ func TestRunnerRejectsBadInput(t *testing.T) {
 func TestRunnerConcurrentSequences(t *testing.T) {
 	ctx := context.Background()
 	for name, m := range map[string]*model.Model{
-		"gqa": randomGQAModel(t, gqaConfig(0, true), 5),
+		"gqa": randomModel(t, gqaConfig(0, true), 5),
 		"mla": randomModel(t, mlaCases[2].config(), 6),
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -364,7 +209,7 @@ func TestRunnerConcurrentSequences(t *testing.T) {
 // the tokens of a longer one.
 func TestGreedyUsesEveryPosition(t *testing.T) {
 	ctx := context.Background()
-	m := randomGQAModel(t, gqaConfig(0, true), 7)
+	m := randomModel(t, gqaConfig(0, true), 7)
 	prompt := edgeTokens(5, 50)
 	long, err := NewRunner(m, kernels.NewNative(), 32)
 	if err != nil {
@@ -399,7 +244,7 @@ func TestGreedyUsesEveryPosition(t *testing.T) {
 func TestCacheTruncateAndCopy(t *testing.T) {
 	ctx := context.Background()
 	for name, m := range map[string]*model.Model{
-		"gqa": randomGQAModel(t, gqaConfig(0, true), 8),
+		"gqa": randomModel(t, gqaConfig(0, true), 8),
 		"mla": randomModel(t, mlaCases[1].config(), 9),
 	} {
 		t.Run(name, func(t *testing.T) {
