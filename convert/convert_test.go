@@ -13,6 +13,7 @@ import (
 
 	"github.com/transmla/transmla/eval"
 	"github.com/transmla/transmla/internal/sharedtest"
+	"github.com/transmla/transmla/internal/synthtest"
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
@@ -216,22 +217,7 @@ func TestCalibrationHelpsAtLowRank(t *testing.T) {
 // writeSynthetic writes the built-in checkpoint with a tokenizer and
 // returns its directory.
 func writeSynthetic(t *testing.T) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "gqa")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := model.WriteSynthetic(context.Background(), dir, model.DefaultSynthetic()); err != nil {
-		t.Fatal(err)
-	}
-	tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), tokJSON, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return synthtest.Checkpoint(t, model.DefaultSynthetic())
 }
 
 // calibText is a text file long enough for small calibration runs.

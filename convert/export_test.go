@@ -8,6 +8,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/transmla/transmla/internal/synthtest"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
 	"github.com/transmla/transmla/safetensors"
@@ -30,7 +31,7 @@ func TestKeptTensorsAreUnchangedByConversion(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			spec := model.DefaultSynthetic()
 			spec.QKVBias = tc.bias
-			m, err := model.Load(context.Background(), writeSyntheticSpec(t, spec), nil)
+			m, err := model.Load(context.Background(), synthtest.Checkpoint(t, spec), nil)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -95,16 +95,12 @@ func NewPlan(ctx context.Context, job PlanJob) (*Plan, error) {
 	if len(job.Methods) == 0 {
 		return nil, fmt.Errorf("plan: no conversion methods")
 	}
-	reader, err := model.OpenReader(job.Source)
+	reader, dt, err := openSource(job.Source, job.DType)
 	if err != nil {
 		return nil, err
 	}
 	defer reader.Close()
 	src := reader.Config()
-	dt, err := outputDType(reader, job.DType)
-	if err != nil {
-		return nil, err
-	}
 	p := &Plan{job: job, src: src, dt: dt}
 	for _, o := range job.Methods {
 		opts, err := checkOptions(src, o, dt)

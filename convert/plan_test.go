@@ -3,41 +3,19 @@ package convert
 import (
 	"context"
 	"math"
-	"os"
 	"path/filepath"
 	"testing"
 
 	"gonum.org/v1/gonum/mat"
 
 	"github.com/transmla/transmla/eval"
+	"github.com/transmla/transmla/internal/synthtest"
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
 	"github.com/transmla/transmla/safetensors"
 	"github.com/transmla/transmla/svd"
-	"github.com/transmla/transmla/tokenizer"
 )
-
-// writeSyntheticSpec writes a synthetic checkpoint of spec with a
-// byte-level tokenizer and returns its directory.
-func writeSyntheticSpec(t *testing.T, spec model.SyntheticSpec) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "gqa")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := model.WriteSynthetic(context.Background(), dir, spec); err != nil {
-		t.Fatal(err)
-	}
-	tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), tokJSON, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
 
 // logitsOf runs a few fixed tokens through m.
 func logitsOf(t *testing.T, m *model.Model) []float32 {
@@ -76,7 +54,7 @@ func TestPlanModelMatchesRun(t *testing.T) {
 		{"qwen2 stock data-free bf16", qwen, "bf16", nil, []Options{with(base, func(o *Options) { o.Format, o.Weighting = FormatStock, WeightNone })}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			src := writeSyntheticSpec(t, tc.spec)
+			src := synthtest.Checkpoint(t, tc.spec)
 			const maxRank = 96 // 2·2·32 − 16 = 112 is the lossless bound
 			methods := make([]Options, len(tc.methods))
 			for i, o := range tc.methods {
@@ -151,7 +129,7 @@ func assertSameLogits(t *testing.T, got, want []float32) {
 // Widths the plan was not factored for are refused, as are widths above
 // the lossless bound.
 func TestPlanRejectsWidths(t *testing.T) {
-	src := writeSyntheticSpec(t, model.DefaultSynthetic())
+	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
 	o := Options{Rank: 32, RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightNone}
 	plan, err := NewPlan(context.Background(), PlanJob{Source: src, Methods: []Options{o}})
 	if err != nil {
@@ -174,7 +152,7 @@ func TestPlanRejectsWidths(t *testing.T) {
 // values of the stacked [W b] blocks, which gonum's SVD computes here
 // independently of the eigendecomposition svd.Factor uses.
 func TestPlanSpectraAreSingularValues(t *testing.T) {
-	src := writeSyntheticSpec(t, model.DefaultSynthetic())
+	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
 	m, err := model.Load(context.Background(), src, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -156,16 +156,12 @@ func (o Options) Method(calibrated bool) string {
 // later runs ignore such leftovers, which are safe to delete.
 func Run(ctx context.Context, job Job) (*Summary, error) {
 	start := time.Now()
-	reader, err := model.OpenReader(job.Source)
+	reader, dt, err := openSource(job.Source, job.DType)
 	if err != nil {
 		return nil, err
 	}
 	defer reader.Close()
 	src := reader.Config()
-	dt, err := outputDType(reader, job.DType)
-	if err != nil {
-		return nil, err
-	}
 	opts, err := checkOptions(src, job.Options, dt)
 	if err != nil {
 		return nil, err
@@ -302,17 +298,22 @@ func interrupted(ctx context.Context, job Job) error {
 	return fmt.Errorf("interrupted; %s is left as it was: %w", job.Output, ctx.Err())
 }
 
-// outputDType is the stored dtype of the output: name (--dtype), or the
-// source's when name is "".
-func outputDType(reader *model.Reader, name string) (safetensors.DType, error) {
-	if name == "" {
-		return reader.StorageDType(), nil
+// openSource opens the source checkpoint and resolves the stored dtype of
+// the output: dtype (--dtype), or the source's when dtype is "".
+func openSource(source, dtype string) (*model.Reader, safetensors.DType, error) {
+	reader, err := model.OpenReader(source)
+	if err != nil {
+		return nil, 0, err
 	}
-	dt, ok := parseDType(name)
+	if dtype == "" {
+		return reader, reader.StorageDType(), nil
+	}
+	dt, ok := parseDType(dtype)
 	if !ok {
-		return 0, fmt.Errorf("--dtype %q is not one of bf16, f16, f32", name)
+		reader.Close()
+		return nil, 0, fmt.Errorf("--dtype %q is not one of bf16, f16, f32", dtype)
 	}
-	return dt, nil
+	return reader, dt, nil
 }
 
 // checkOptions validates opts for a written conversion of src stored as

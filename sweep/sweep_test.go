@@ -20,6 +20,7 @@ import (
 	"github.com/transmla/transmla/convert"
 	"github.com/transmla/transmla/eval"
 	"github.com/transmla/transmla/internal/sharedtest"
+	"github.com/transmla/transmla/internal/synthtest"
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
@@ -122,20 +123,7 @@ func TestSweepMatchesConvertThenEval(t *testing.T) {
 // and a text to calibrate and evaluate on.
 func synthetic(t *testing.T) (dir, text string) {
 	t.Helper()
-	dir = filepath.Join(t.TempDir(), "gqa")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := model.WriteSynthetic(context.Background(), dir, model.DefaultSynthetic()); err != nil {
-		t.Fatal(err)
-	}
-	tokJSON, err := tokenizer.ByteLevelJSON("<|endoftext|>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), tokJSON, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir = synthtest.Checkpoint(t, model.DefaultSynthetic())
 	text = filepath.Join(t.TempDir(), "text.txt")
 	var b strings.Builder
 	for i := range 300 {

@@ -8,7 +8,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/transmla/transmla/convert"
-	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
 )
 
@@ -55,17 +54,9 @@ directory appears only when complete; MODEL is never modified.`,
 			if err := requireFlags(c, "output", "dc"); err != nil {
 				return err
 			}
-			dir, err := modelArg(c)
+			dir, cfg, err := gqaSource(c)
 			if err != nil {
 				return err
-			}
-			cfg, err := model.LoadConfig(dir)
-			if err != nil {
-				return err
-			}
-			if cfg.MLA != nil {
-				// Bad input rather than bad usage: checked before Validate.
-				return fmt.Errorf("%s is already MLA (%s); convert reads GQA checkpoints", dir, cfg.Architecture)
 			}
 			opts := convert.DefaultOptions(cfg, c.Int("dc"))
 			if c.IsSet("rope-dim") {

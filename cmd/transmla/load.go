@@ -36,6 +36,25 @@ func modelArg(c *cli.Context) (string, error) {
 	return modelDir(c.Args().First())
 }
 
+// gqaSource resolves the command's MODEL argument and reads its config,
+// refusing an MLA checkpoint: convert and sweep read GQA ones. That is bad
+// input rather than bad usage (exit 1), found before the options are
+// validated against the config.
+func gqaSource(c *cli.Context) (string, model.Config, error) {
+	dir, err := modelArg(c)
+	if err != nil {
+		return "", model.Config{}, err
+	}
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		return "", model.Config{}, err
+	}
+	if cfg.MLA != nil {
+		return "", model.Config{}, fmt.Errorf("%s is already MLA (%s); %s reads GQA checkpoints", dir, cfg.Architecture, c.Command.Name)
+	}
+	return dir, cfg, nil
+}
+
 // loadModel reads the checkpoint in dir and its tokenizer, with a progress bar.
 func loadModel(ctx context.Context, dir string, stderr io.Writer) (*model.Model, *tokenizer.Tokenizer, error) {
 	tok, err := loadTokenizer(dir)

@@ -74,16 +74,9 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			if c.Int("max-windows") < 0 {
 				return usagef("--max-windows must not be negative")
 			}
-			dir, err := modelArg(c)
+			dir, cfg, err := gqaSource(c)
 			if err != nil {
 				return err
-			}
-			cfg, err := model.LoadConfig(dir)
-			if err != nil {
-				return err
-			}
-			if cfg.MLA != nil {
-				return fmt.Errorf("%s is already MLA (%s); sweep reads GQA checkpoints", dir, cfg.Architecture)
 			}
 			if max := cfg.MaxPositionEmbeddings; max > 0 && c.Int("ctx") > max {
 				return usagef("--ctx %d exceeds the model's max_position_embeddings %d", c.Int("ctx"), max)
