@@ -90,9 +90,9 @@ func (f *fixture) ppl(t *testing.T, m *model.Model) float64 {
 	return res.PPL
 }
 
-func (f *fixture) moments(t *testing.T) [][]float64 {
+func (f *fixture) moments(t *testing.T) []LayerStats {
 	t.Helper()
-	m, err := CollectMoments(context.Background(), f.m, kernels.NewNative(), f.cal)
+	m, err := CollectStats(context.Background(), f.m, kernels.NewNative(), f.cal)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +135,7 @@ func TestLosslessRankAddsNoError(t *testing.T) {
 			base := Options{RopeDim: sm.ropeDim, RopeMethod: rope.MethodRoRoPE, NopeSpan: DefaultNopeSpan,
 				Weighting: WeightAttention, Rank: LosslessRank(cfg, sm.ropeDim)}
 			for _, calibrated := range []bool{false, true} {
-				var mom [][]float64
+				var mom []LayerStats
 				if calibrated {
 					mom = f.moments(t)
 				}
@@ -269,7 +269,7 @@ func TestRunWritesWhatConvertModelComputes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mom, err := CollectMoments(context.Background(), m, be, seqs)
+	mom, err := CollectStats(context.Background(), m, be, seqs)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,9 @@ type layerPlan struct {
 	// moment is E[x̃ x̃ᵀ] of the attention input x̃ = [x; 1], (D+1)², or nil
 	// for the data-free identity.
 	moment []float64
+	// profile is the calibration's attention share by query–key distance
+	// per query head, or nil.
+	profile rope.Profile
 	// queryMoments caches E[q_h q_hᵀ] per query head, used by both the
 	// RoPE decoupling and the attention weighting.
 	queryMoments []*mat.Dense
@@ -33,6 +36,22 @@ type layerResult struct {
 	retained float64
 	// ropeInvFreq are the RoPE pair frequencies the decoupling assigned.
 	ropeInvFreq []float64
+}
+
+// newLayerPlan checks stats against src and plans one layer's conversion.
+func newLayerPlan(src, dst model.Config, opts Options, stats *LayerStats) (*layerPlan, error) {
+	p := &layerPlan{src: src, dst: dst, opts: opts}
+	if stats == nil {
+		return p, nil
+	}
+	if n := src.HiddenSize + 1; len(stats.Moment) != n*n {
+		return nil, fmt.Errorf("attention-input moment has %d values, want %d×%d", len(stats.Moment), n, n)
+	}
+	if stats.Profile != nil && len(stats.Profile) != src.NumHeads {
+		return nil, fmt.Errorf("attention profile of %d heads, want %d", len(stats.Profile), src.NumHeads)
+	}
+	p.moment, p.profile = stats.Moment, stats.Profile
+	return p, nil
 }
 
 // augmented returns [W b] as an out×(in+1) matrix in float64.
@@ -139,8 +158,31 @@ func (p *layerPlan) decouple(wq, wk *mat.Dense) (*rope.Decoupling, error) {
 	return rope.Decouple(p.src.Rope, p.src.NumKVHeads, rope.Options{
 		Method:   p.opts.RopeMethod,
 		RopeDim:  p.opts.RopeDim,
+		Stride:   p.opts.RopeStride,
 		FreqFold: p.opts.FreqFold,
+		Rank:     p.ropeRank(),
+		Profile:  p.attentionProfile(),
 	}, p.moments(wq, wk))
+}
+
+// ropeRank is the RoRoPE ranking; the per-head selections have none.
+func (p *layerPlan) ropeRank() string {
+	if p.opts.RopeMethod != rope.MethodRoRoPE {
+		return ""
+	}
+	return p.opts.RopeRank
+}
+
+// attentionProfile is the distance profile the RoPE stage's fixes average
+// over: the calibration's, else uniform over --nope-span, else none.
+func (p *layerPlan) attentionProfile() rope.Profile {
+	switch {
+	case p.profile != nil:
+		return p.profile
+	case p.opts.NopeSpan > 0:
+		return rope.UniformProfile(p.src.NumHeads, int(math.Round(p.opts.NopeSpan)))
+	}
+	return nil
 }
 
 // layerAnalysis is the rank-independent part of one layer's conversion:
@@ -154,8 +196,10 @@ type layerAnalysis struct {
 	attnNorm []float32
 	dec      *rope.Decoupling
 	// ropeRows (d_r × G·d) and nopeRows (np × G·d, nil when np = 0) split
-	// the stacked keys into their RoPE and position-free parts.
-	ropeRows, nopeRows *mat.Dense
+	// the stacked keys into their RoPE and position-free parts; the query
+	// rows are their duals, which read the queries.
+	ropeRows, nopeRows           *mat.Dense
+	queryRopeRows, queryNopeRows *mat.Dense
 	// kRope is the decoupled RoPE key's projection, d_r × (D+1).
 	kRope *mat.Dense
 	// prob is the joint latent's problem [Nope·K̃; Ṽ] and weight its error
@@ -193,7 +237,8 @@ func (p *layerPlan) analyse(l *model.Layer) (*layerAnalysis, error) {
 		return nil, err
 	}
 	dr, np := dec.RopeDim(), dec.NopeDim()
-	a := &layerAnalysis{p: p, attnNorm: l.AttnNorm, dec: dec, ropeRows: mat.NewDense(dr, G*d, dec.Rope), kRope: &mat.Dense{}}
+	a := &layerAnalysis{p: p, attnNorm: l.AttnNorm, dec: dec, kRope: &mat.Dense{},
+		ropeRows: mat.NewDense(dr, G*d, dec.Rope), queryRopeRows: mat.NewDense(dr, G*d, dec.QueryRope)}
 	a.kRope.Mul(a.ropeRows, wk)
 
 	// The joint latent factors [Nope·K̃; Ṽ].
@@ -201,21 +246,9 @@ func (p *layerPlan) analyse(l *model.Layer) (*layerAnalysis, error) {
 	stack := mat.NewDense(rows, D+1, nil)
 	if np > 0 {
 		a.nopeRows = mat.NewDense(np, G*d, dec.Nope)
+		a.queryNopeRows = mat.NewDense(np, G*d, dec.QueryNope)
 		var kNope mat.Dense
 		kNope.Mul(a.nopeRows, wk)
-		if L := p.opts.NopeSpan; L > 0 {
-			for i, w := range dec.NopeInvFreq {
-				x := w * L
-				g := 1.0
-				if x > 1e-12 {
-					g = math.Sin(x) / x
-				}
-				row := kNope.RawRowView(i)
-				for j := range row {
-					row[j] *= g
-				}
-			}
-		}
 		stack.Slice(0, np, 0, D+1).(*mat.Dense).Copy(&kNope)
 	}
 	stack.Slice(np, rows, 0, D+1).(*mat.Dense).Copy(wv)
@@ -240,7 +273,7 @@ func (p *layerPlan) analyse(l *model.Layer) (*layerAnalysis, error) {
 		g := h / group
 		qh := wq.Slice(h*d, (h+1)*d, 0, D+1)
 		var qr mat.Dense
-		qr.Mul(a.ropeRows.Slice(0, dr, g*d, (g+1)*d), qh)
+		qr.Mul(a.queryRopeRows.Slice(0, dr, g*d, (g+1)*d), qh)
 		base := h * (d + dr)
 		for i := range d + dr {
 			var row []float64
@@ -316,9 +349,21 @@ func (a *layerAnalysis) build(fac *svd.Factors) *layerResult {
 		if np > 0 {
 			// k_nope_h = Nope_gᵀ·k_nope: the group's key with its RoPE part
 			// projected out.
-			nopeG := a.nopeRows.Slice(0, np, g*d, (g+1)*d)
+			nopeG := a.queryNopeRows.Slice(0, np, g*d, (g+1)*d)
 			var uk mat.Dense
-			uk.Mul(nopeG.T(), up.Slice(0, np, 0, dc))
+			upN := mat.DenseCopyOf(up.Slice(0, np, 0, dc))
+			if a.dec.NopeFix != nil {
+				// Each component's key pair (re, im) as head h reads it:
+				// (C·re + S·im, −S·re + C·im).
+				half := np / 2
+				for i, f := range a.dec.NopeFix[h] {
+					re, im := upN.RawRowView(i), upN.RawRowView(half+i)
+					for j := range re {
+						re[j], im[j] = f.C*re[j]+f.S*im[j], f.C*im[j]-f.S*re[j]
+					}
+				}
+			}
+			uk.Mul(nopeG.T(), upN)
 			for i := range d {
 				toFloat32(mla.KVB.W[base+i*dc:base+(i+1)*dc], uk.RawRowView(i))
 			}
@@ -390,8 +435,8 @@ func (p *layerPlan) errorWeight(l *model.Layer, wq, stack *mat.Dense, dec *rope.
 						qg[i] += v
 					}
 				}
-				f64.Gemm(false, false, np, d, d, 1, dec.Nope[g*d:], kd, qg, d, 0, t, d)
-				f64.Gemm(false, true, np, np, d, 1, t, d, dec.Nope[g*d:], kd, 1, a, rows)
+				f64.Gemm(false, false, np, d, d, 1, dec.QueryNope[g*d:], kd, qg, d, 0, t, d)
+				f64.Gemm(false, true, np, np, d, 1, t, d, dec.QueryNope[g*d:], kd, 1, a, rows)
 			}
 		}
 		// Value block of group g: Σ_{h∈g} O_hᵀ O_h, O_h the head's d

@@ -17,20 +17,19 @@ type LayerReport struct {
 	Retained float64 `json:"retained"`
 }
 
-// ConvertLayer rewrites layer index li of a GQA model as MLA. moment is the
-// layer's attention-input second moment E[x̃ x̃ᵀ], x̃ = [x; 1], of size
-// (D+1)², or nil for a data-free conversion. The returned layer shares the
-// MLP and norms of l.
-func ConvertLayer(src, dst model.Config, opts Options, l *model.Layer, moment []float64) (*model.Layer, LayerReport, error) {
-	if n := src.HiddenSize + 1; moment != nil && len(moment) != n*n {
-		return nil, LayerReport{}, fmt.Errorf("attention-input moment has %d values, want %d×%d", len(moment), n, n)
+// ConvertLayer rewrites a GQA layer as MLA. stats are the layer's
+// calibration statistics, or nil for a data-free conversion. The returned
+// layer shares the MLP and norms of l.
+func ConvertLayer(src, dst model.Config, opts Options, l *model.Layer, stats *LayerStats) (*model.Layer, LayerReport, error) {
+	p, err := newLayerPlan(src, dst, opts, stats)
+	if err != nil {
+		return nil, LayerReport{}, err
 	}
-	p := &layerPlan{src: src, dst: dst, opts: opts, moment: moment}
 	res, err := p.convertLayer(l)
 	if err != nil {
 		return nil, LayerReport{}, err
 	}
-	if err := checkFreqs(src, dst, res.ropeInvFreq); err != nil {
+	if err := checkFreqs(src, dst, opts.RopeStride, res.ropeInvFreq); err != nil {
 		return nil, LayerReport{}, err
 	}
 	out := *l
@@ -42,8 +41,8 @@ func ConvertLayer(src, dst model.Config, opts Options, l *model.Layer, moment []
 // checkFreqs makes sure that the frequencies loaders compute from the
 // target config (or, for the exact anchor, the ones it carries in memory)
 // are the decoupling's, and that each is the source frequency its slot
-// stands for: pair i of a rope-dim RoPE must rotate like source pair i·c.
-func checkFreqs(src, dst model.Config, got []float64) error {
+// stands for: pair i must rotate like source pair i·c, c the stride.
+func checkFreqs(src, dst model.Config, stride float64, got []float64) error {
 	want := dst.MLA.RopeInvFreq
 	srcFreq, _, err := src.Rope.InvFreq()
 	if err != nil {
@@ -57,23 +56,27 @@ func checkFreqs(src, dst model.Config, got []float64) error {
 	if len(want) != len(got) {
 		return fmt.Errorf("rope: %d frequencies, want %d", len(got), len(want))
 	}
-	c := max(1, len(srcFreq)/len(want))
+	c := float64(max(1, len(srcFreq)/len(want)))
+	if stride > 0 {
+		c = stride
+	}
 	for i := range want {
 		near := func(a, b float64) bool { return math.Abs(a-b) <= 1e-9*math.Abs(b) }
 		if !near(got[i], want[i]) {
 			return fmt.Errorf("rope: pair %d rotates at %v, loaders would use %v", i, got[i], want[i])
 		}
-		if dst.MLA.RopeInvFreq == nil && !near(want[i], srcFreq[i*c]) {
-			return fmt.Errorf("rope: the converted pair %d would rotate at %v, its source frequency is %v (rope_scaling %q)", i, want[i], srcFreq[i*c], src.Rope.Scaling.Type)
+		j := float64(i) * c
+		if dst.MLA.RopeInvFreq == nil && j == math.Trunc(j) && !near(want[i], srcFreq[int(j)]) {
+			return fmt.Errorf("rope: the converted pair %d would rotate at %v, its source frequency is %v (rope_scaling %q)", i, want[i], srcFreq[int(j)], src.Rope.Scaling.Type)
 		}
 	}
 	return nil
 }
 
-// ConvertModel converts a whole in-memory model; moments holds one
-// per-layer moment or is nil for a data-free conversion. It is the
+// ConvertModel converts a whole in-memory model; stats holds each layer's
+// calibration statistics or is nil for a data-free conversion. It is the
 // in-memory form of Run, for small models and tests.
-func ConvertModel(ctx context.Context, src *model.Model, opts Options, moments [][]float64) (*model.Model, []LayerReport, error) {
+func ConvertModel(ctx context.Context, src *model.Model, opts Options, stats []LayerStats) (*model.Model, []LayerReport, error) {
 	if err := opts.Validate(src.Config); err != nil {
 		return nil, nil, err
 	}
@@ -89,8 +92,8 @@ func ConvertModel(ctx context.Context, src *model.Model, opts Options, moments [
 	}
 	out := *src
 	out.Config = dst
-	if moments != nil && len(moments) != len(src.Layers) {
-		return nil, nil, fmt.Errorf("%d layer moments for %d layers", len(moments), len(src.Layers))
+	if stats != nil && len(stats) != len(src.Layers) {
+		return nil, nil, fmt.Errorf("calibration statistics of %d layers for %d layers", len(stats), len(src.Layers))
 	}
 	out.Layers = make([]model.Layer, len(src.Layers))
 	reports := make([]LayerReport, len(src.Layers))
@@ -98,11 +101,11 @@ func ConvertModel(ctx context.Context, src *model.Model, opts Options, moments [
 		if err := ctx.Err(); err != nil {
 			return nil, nil, err
 		}
-		var m []float64
-		if moments != nil {
-			m = moments[i]
+		var st *LayerStats
+		if stats != nil {
+			st = &stats[i]
 		}
-		l, rep, err := ConvertLayer(src.Config, dst, opts, &src.Layers[i], m)
+		l, rep, err := ConvertLayer(src.Config, dst, opts, &src.Layers[i], st)
 		if err != nil {
 			return nil, nil, fmt.Errorf("layer %d: %w", i, err)
 		}

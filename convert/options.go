@@ -50,9 +50,15 @@ type Options struct {
 	RopeDim int
 	// RopeMethod is one of rope.Methods().
 	RopeMethod string
+	// RopeStride places the RoPE slots at every RopeStride-th source
+	// frequency from the fastest (rope.Options.Stride); 0 spreads them
+	// over all, head_dim/rope_dim apart.
+	RopeStride float64
 	// FreqFold is RoRoPE's band of frequencies rotated together; 0 is the
-	// smallest (head_dim/rope_dim).
+	// smallest (the stride).
 	FreqFold int
+	// RopeRank is RoRoPE's ranking of components (rope.Rankings()).
+	RopeRank string
 	// NopeSpan, when positive, scales each position-free key component by
 	// the mean of cos(ωΔ) over distances Δ in [0, NopeSpan]: the rotation
 	// it lost, averaged.
@@ -94,23 +100,30 @@ func DefaultRopeDim(headDim int) int {
 func DefaultOptions(cfg model.Config, rank int) Options {
 	dr := DefaultRopeDim(cfg.HeadDim)
 	return Options{
-		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg.HeadDim, dr),
+		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg, dr, 0), RopeRank: rope.RankScore,
 		NopeSpan: DefaultNopeSpan, Weighting: WeightAttention, ValueWeight: 1, Format: FormatExact,
 	}
 }
 
-// AutoFreqFold is the FreqFold that --freqfold auto picks: two RoPE slots'
-// worth of frequencies (2·head_dim/rope_dim) where that divides head_dim/2,
-// the best measured on the shared models, else the smallest.
-func AutoFreqFold(headDim, ropeDim int) int {
-	if ropeDim <= 0 || headDim%ropeDim != 0 {
+// AutoFreqFold is the FreqFold that --freqfold auto picks for RoPE slots
+// of ropeDim at stride (0 = head_dim/ropeDim): two slots' worth of
+// frequencies where that divides head_dim/2 and the band's fastest and
+// slowest frequencies are within a factor 2 (measured best on the shared
+// Llama and Qwen2), else one slot's: folding frequencies further apart
+// rotates keys at the wrong speed (stories260K's neighbours differ 10×).
+func AutoFreqFold(cfg model.Config, ropeDim int, stride float64) int {
+	d := cfg.HeadDim
+	if ropeDim <= 0 || (stride == 0 && d%ropeDim != 0) {
 		return 0 // Validate reports the bad --rope-dim
 	}
-	c := headDim / ropeDim
-	if (headDim/2)%(2*c) == 0 {
-		return 2 * c
+	unit := max(1, int(stride))
+	if stride == 0 {
+		unit = d / ropeDim
 	}
-	return c
+	if fold := 2 * unit; (d/2)%fold == 0 && math.Pow(cfg.Rope.Theta, 2*float64(fold-1)/float64(d)) <= 2 {
+		return fold
+	}
+	return unit
 }
 
 func (o Options) valueWeight() float64 {
@@ -150,21 +163,28 @@ func (o Options) Validate(cfg model.Config) error {
 		switch {
 		case o.RopeDim <= 0 || o.RopeDim%2 != 0:
 			return fmt.Errorf("--rope-dim %d must be a positive even number", o.RopeDim)
-		case o.RopeDim > d:
-			return fmt.Errorf("--rope-dim %d exceeds head_dim %d", o.RopeDim, d)
-		case d%o.RopeDim != 0:
-			return fmt.Errorf("--rope-dim %d must divide head_dim %d (DeepSeek's RoPE frequencies must be a subset of the source's)", o.RopeDim, d)
+		case o.RopeStride == 0 && o.RopeDim > d:
+			return fmt.Errorf("--rope-dim %d exceeds head_dim %d: a wider RoPE key needs --rope-stride below 1 (two or more slots per frequency)", o.RopeDim, d)
+		case o.RopeStride == 0 && d%o.RopeDim != 0:
+			return fmt.Errorf("--rope-dim %d must divide head_dim %d (DeepSeek's RoPE frequencies must be a subset of the source's), or give --rope-stride", o.RopeDim, d)
+		}
+		if err := rope.CheckSlots(d, o.RopeDim, o.RopeStride); err != nil {
+			return fmt.Errorf("--rope-dim %d with --rope-stride %v: %w", o.RopeDim, o.RopeStride, err)
 		}
 		if !slices.Contains(rope.Methods(), o.RopeMethod) {
 			return fmt.Errorf("--rope-select %q is not one of %v", o.RopeMethod, rope.Methods())
 		}
 		if o.FreqFold != 0 {
-			c := d / o.RopeDim
+			c := int(o.RopeStride)
+			if o.RopeStride == 0 {
+				c = d / o.RopeDim
+			}
+			c = max(c, 1)
 			if o.RopeMethod != rope.MethodRoRoPE {
 				return fmt.Errorf("--freqfold applies to --rope-select %s only", rope.MethodRoRoPE)
 			}
 			if o.FreqFold < 0 || o.FreqFold%c != 0 || (d/2)%o.FreqFold != 0 {
-				return fmt.Errorf("--freqfold %d must be a multiple of head_dim/rope_dim = %d that divides head_dim/2 = %d", o.FreqFold, c, d/2)
+				return fmt.Errorf("--freqfold %d must be a multiple of the rope stride %d that divides head_dim/2 = %d", o.FreqFold, c, d/2)
 			}
 		}
 		if bound := LosslessRank(cfg, o.RopeDim); o.Rank > bound {
@@ -224,6 +244,9 @@ func TargetConfig(src model.Config, o Options) model.Config {
 	dst.NumKVHeads = src.NumHeads
 	dst.HeadDim = src.HeadDim + dr
 	dst.Rope.Dim = dr
+	if !o.ExactRoPE {
+		dst.Rope.Theta = rope.SlotTheta(src.Rope.Theta, src.HeadDim, dr, o.RopeStride)
+	}
 	dst.QKVBias = false
 	return dst
 }

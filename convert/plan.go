@@ -28,6 +28,9 @@ type PlanJob struct {
 	// Progress, when not nil, is told each layer's stage as it starts
 	// (StageCalibrate, then StageConvert for all methods).
 	Progress func(Event)
+	// NoSpectra skips the per-layer spectra (Spectra is then empty): they
+	// factor K_nope and V alone once more, for plots only.
+	NoSpectra bool
 }
 
 // Plan is a source analysed once for conversions at many latent widths:
@@ -51,6 +54,10 @@ type Plan struct {
 	methods           []*methodPlan
 	calibrationSHA256 string
 	calibrationTokens int
+	// heldOut are the calibration tokens kept out of calibration
+	// (Calibration.HoldOut), notes what the user should know of it.
+	heldOut []int
+	notes   []string
 }
 
 // methodPlan is one method's analysis of every layer.
@@ -87,6 +94,7 @@ type prebuiltLayers struct {
 	layer             func(i int) (*model.Layer, LayerReport, error)
 	calibrationSHA256 string
 	calibrationTokens int
+	notes             []string
 }
 
 // NewPlan reads and calibrates job.Source one layer at a time, as Run
@@ -120,12 +128,13 @@ func NewPlan(ctx context.Context, job PlanJob) (*Plan, error) {
 			return nil, err
 		}
 		p.calibrationTokens = len(st.seqs) * c.SeqLen
+		p.heldOut, p.notes = st.heldOut, st.notes
 	}
 	if p.base, err = p.readBase(reader); err != nil {
 		return nil, err
 	}
 	for i := range src.NumLayers {
-		l, moment, err := st.source(i)
+		l, stats, err := st.source(i)
 		if err != nil {
 			return nil, err
 		}
@@ -134,7 +143,7 @@ func NewPlan(ctx context.Context, job PlanJob) (*Plan, error) {
 			if err := ctx.Err(); err != nil {
 				return nil, err
 			}
-			if err := m.addLayer(src, dt, l, moment); err != nil {
+			if err := m.addLayer(src, dt, l, stats, !job.NoSpectra); err != nil {
 				return nil, fmt.Errorf("layer %d: %w", i, err)
 			}
 		}
@@ -177,32 +186,37 @@ func (p *Plan) readBase(reader *model.Reader) (*model.Model, error) {
 
 // addLayer analyses source layer l for this method and factors its latent
 // at the method's largest width.
-func (m *methodPlan) addLayer(src model.Config, dt safetensors.DType, l *model.Layer, moment []float64) error {
+func (m *methodPlan) addLayer(src model.Config, dt safetensors.DType, l *model.Layer, stats *LayerStats, spectra bool) error {
 	dst := TargetConfig(src, m.opts)
-	lp := &layerPlan{src: src, dst: dst, opts: m.opts, moment: moment}
+	lp, err := newLayerPlan(src, dst, m.opts, stats)
+	if err != nil {
+		return err
+	}
 	an, err := lp.analyse(l)
 	if err != nil {
 		return err
 	}
-	if err := checkFreqs(src, dst, an.dec.InvFreq); err != nil {
+	if err := checkFreqs(src, dst, m.opts.RopeStride, an.dec.InvFreq); err != nil {
 		return err
 	}
 	fac, err := an.factor(m.opts.Rank)
 	if err != nil {
 		return err
 	}
-	spec, err := an.spectrum(fac)
-	if err != nil {
-		return err
+	if spectra {
+		spec, err := an.spectrum(fac)
+		if err != nil {
+			return err
+		}
+		spec.Layer = len(m.layers)
+		m.spectra = append(m.spectra, spec)
 	}
-	spec.Layer = len(m.layers)
 	// Only the factors are needed from here on.
 	an.prob.W, an.prob.B, an.weight = nil, nil, nil
 	// q_proj is the same at every width: rounded once, shared by all.
 	roundTo(dt, an.q.W)
 	roundTo(dt, an.q.B)
 	m.layers = append(m.layers, planLayer{an: an, fac: fac})
-	m.spectra = append(m.spectra, spec)
 	return nil
 }
 
@@ -260,6 +274,13 @@ func (p *Plan) Source() model.Config { return p.src }
 
 // DType is the stored dtype of the converted models.
 func (p *Plan) DType() safetensors.DType { return p.dt }
+
+// HeldOut are the calibration file's last tokens kept out of calibration
+// (Calibration.HoldOut), nil when none were.
+func (p *Plan) HeldOut() []int { return p.heldOut }
+
+// Notes are what the user should know of the calibration.
+func (p *Plan) Notes() []string { return p.notes }
 
 // CalibrationSHA256 identifies the calibration text ("" when data-free).
 func (p *Plan) CalibrationSHA256() string { return p.calibrationSHA256 }
@@ -339,18 +360,19 @@ func (p *Plan) Model(method, rank int) (*model.Model, []LayerReport, error) {
 
 // Write writes the converted checkpoint of method at latent width rank to
 // dir through Run, so it is what convert writes with these options,
-// except that the latent is the plan's truncated factorization.
-func (p *Plan) Write(ctx context.Context, method, rank int, dir string, force bool) (*Summary, error) {
+// except that the latent is the plan's truncated factorization. progress,
+// when not nil, is told of each layer written.
+func (p *Plan) Write(ctx context.Context, method, rank int, dir string, force bool, progress func(Event)) (*Summary, error) {
 	opts, err := p.options(method, rank)
 	if err != nil {
 		return nil, err
 	}
 	return Run(ctx, Job{
 		Source: p.job.Source, Output: dir, Force: force, Options: opts, DType: p.job.DType,
-		Calibration: p.job.Calibration, Backend: p.job.Backend, Version: p.job.Version,
+		Calibration: p.job.Calibration, Backend: p.job.Backend, Version: p.job.Version, Progress: progress,
 		prebuilt: &prebuiltLayers{
 			layer:             func(i int) (*model.Layer, LayerReport, error) { return p.layer(method, rank, i) },
-			calibrationSHA256: p.calibrationSHA256, calibrationTokens: p.calibrationTokens,
+			calibrationSHA256: p.calibrationSHA256, calibrationTokens: p.calibrationTokens, notes: p.notes,
 		},
 	})
 }

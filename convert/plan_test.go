@@ -52,6 +52,9 @@ func TestPlanModelMatchesRun(t *testing.T) {
 		{"llama bf16 calibrated", llama, "", cal, []Options{base, with(base, func(o *Options) { o.RopeMethod, o.FreqFold, o.Weighting = rope.Method2Norm, 0, WeightBalanced })}},
 		{"qwen2 stock calibrated", qwen, "f32", cal, []Options{with(base, func(o *Options) { o.Format = FormatStock })}},
 		{"qwen2 stock data-free bf16", qwen, "bf16", nil, []Options{with(base, func(o *Options) { o.Format, o.Weighting = FormatStock, WeightNone })}},
+		// RoPE on the fastest frequencies, two slots each, score-ranked:
+		// rope_theta changes, which the written config must carry.
+		{"llama stride 1/2", llama, "", cal, []Options{with(base, func(o *Options) { o.RopeDim, o.RopeStride, o.FreqFold, o.RopeRank = 32, 0.5, 1, rope.RankScore })}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := synthtest.Checkpoint(t, tc.spec)
@@ -94,7 +97,7 @@ func TestPlanModelMatchesRun(t *testing.T) {
 			}
 			// Write goes through Run with the plan's layers.
 			out := filepath.Join(t.TempDir(), "written")
-			sum, err := plan.Write(context.Background(), 0, 40, out, false)
+			sum, err := plan.Write(context.Background(), 0, 40, out, false, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

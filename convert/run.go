@@ -34,6 +34,9 @@ type Calibration struct {
 	SeqLen int
 	// Seed fixes which sequences are drawn.
 	Seed uint64
+	// HoldOut keeps the file's last HoldOut tokens out of the calibration
+	// sequences: a search scores its candidates on them.
+	HoldOut int
 }
 
 // Job is one conversion of a checkpoint directory into a new one.
@@ -128,11 +131,27 @@ func (o Options) Method(calibrated bool) string {
 		latent = "pca"
 	}
 	rope := o.RopeMethod
-	if rope == ropepkg.MethodRoRoPE {
-		rope = fmt.Sprintf("rorope(freqfold=%d)", o.FreqFold)
+	var args []string
+	if o.RopeStride != 0 {
+		args = append(args, fmt.Sprintf("stride=%g", o.RopeStride))
 	}
-	if o.NopeSpan > 0 {
-		rope += fmt.Sprintf("+nope_span(%g)", o.NopeSpan)
+	if rope == ropepkg.MethodRoRoPE {
+		args = append(args, fmt.Sprintf("freqfold=%d", o.FreqFold))
+		if o.RopeRank != "" && o.RopeRank != ropepkg.RankKey {
+			args = append(args, "rank="+o.RopeRank)
+		}
+	}
+	if len(args) > 0 {
+		rope += "(" + strings.Join(args, ",") + ")"
+	}
+	// The position-free keys are read through their mean lost rotation,
+	// averaged over the calibration's attention distances or, data-free,
+	// over 0..nope-span.
+	switch {
+	case calibrated:
+		rope += "+nope_fix(attention_profile)"
+	case o.NopeSpan > 0:
+		rope += fmt.Sprintf("+nope_fix(span=%g)", o.NopeSpan)
 	}
 	w := o.Weighting
 	if w == WeightAttention && o.valueWeight() != 1 {
@@ -193,6 +212,7 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	}
 	if pb := job.prebuilt; pb != nil {
 		sum.CalibrationSHA256, sum.CalibrationTokens = pb.calibrationSHA256, pb.calibrationTokens
+		sum.Notes = append(sum.Notes, pb.notes...)
 	} else if c := job.Calibration; c != nil {
 		hash, err := st.prepareCalibration(c)
 		if err != nil {
@@ -200,6 +220,7 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 		}
 		sum.CalibrationSHA256 = hash
 		sum.CalibrationTokens = len(st.seqs) * c.SeqLen
+		sum.Notes = append(sum.Notes, st.notes...)
 	}
 
 	tmp, err := os.MkdirTemp(filepath.Dir(filepath.Clean(job.Output)), "."+filepath.Base(job.Output)+".partial-")
@@ -443,10 +464,13 @@ type stream struct {
 	be       kernels.Backend
 
 	// Calibration state: the hidden states of every sequence after the
-	// layers converted so far.
-	seqs   [][]int
-	hidden []float32
-	runner *eval.LayerRunner
+	// layers converted so far; heldOut are the tokens kept out of them, and
+	// notes what the user should know of the calibration text.
+	seqs    [][]int
+	hidden  []float32
+	runner  *eval.LayerRunner
+	heldOut []int
+	notes   []string
 
 	// attentionOnly lets a data-free conversion read only the attention
 	// tensors of each layer: the others are written from the source.
@@ -481,11 +505,24 @@ func (s *stream) prepareCalibration(c *Calibration) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("calibration needs the source's tokenizer: %w", err)
 	}
+	if m := s.src.MaxPositionEmbeddings; m > 0 && c.SeqLen > m {
+		return "", fmt.Errorf("--calib-seq %d exceeds the model's max_position_embeddings %d", c.SeqLen, m)
+	}
 	// Encoded as eval encodes text, special tokens included.
 	ids := tok.Encode(string(text), true)
+	if c.HoldOut > 0 {
+		if len(ids) < c.HoldOut+c.SeqLen {
+			return "", fmt.Errorf("calibration file %s: %d tokens, too few to hold %d out and calibrate on one sequence of %d", c.File, len(ids), c.HoldOut, c.SeqLen)
+		}
+		s.heldOut = ids[len(ids)-c.HoldOut:]
+		ids = ids[:len(ids)-c.HoldOut]
+	}
 	s.seqs, err = CalibrationSequences(ids, c.Tokens, c.SeqLen, c.Seed)
 	if err != nil {
 		return "", fmt.Errorf("calibration file %s: %w", c.File, err)
+	}
+	if slots := len(ids) / c.SeqLen; slots < len(s.seqs) {
+		s.notes = append(s.notes, fmt.Sprintf("the calibration text holds %d tokens (%d sequences of %d), fewer than the %d asked for: sequences overlap; a longer file calibrates better", len(ids), slots, c.SeqLen, len(s.seqs)*c.SeqLen))
 	}
 	if s.runner, err = eval.NewLayerRunner(s.src, s.be, c.SeqLen); err != nil {
 		return "", fmt.Errorf("calibration: %w", err)
@@ -558,22 +595,22 @@ func (s *stream) convert(i int) (*model.Layer, LayerReport, error) {
 	if pb := s.job.prebuilt; pb != nil {
 		return pb.layer(i)
 	}
-	l, moment, err := s.source(i)
+	l, stats, err := s.source(i)
 	if err != nil {
 		return nil, LayerReport{}, err
 	}
 	s.progress(StageConvert, i, s.src.NumLayers)
-	out, rep, err := ConvertLayer(s.src, s.dst, s.opts, l, moment)
+	out, rep, err := ConvertLayer(s.src, s.dst, s.opts, l, stats)
 	if err != nil {
 		return nil, LayerReport{}, fmt.Errorf("layer %d: %w", i, err)
 	}
 	return out, rep, nil
 }
 
-// source reads source layer i and, when calibrating, its attention-input
-// moment, moving the calibration states on past the layer; layers must be
-// asked for in order.
-func (s *stream) source(i int) (*model.Layer, []float64, error) {
+// source reads source layer i and, when calibrating, its statistics,
+// moving the calibration states on past the layer; layers must be asked
+// for in order.
+func (s *stream) source(i int) (*model.Layer, *LayerStats, error) {
 	read := s.reader.Layer
 	if s.attentionOnly && s.seqs == nil {
 		read = s.reader.AttentionLayer
@@ -591,13 +628,13 @@ func (s *stream) source(i int) (*model.Layer, []float64, error) {
 			return nil, nil, err
 		}
 	}
-	acc := newMomentAccumulator(s.be, s.src.HiddenSize)
 	// Running the source layer collects its inputs and moves the hidden
 	// states on to the next layer's inputs.
-	if err := s.runner.Apply(s.ctx, l, s.hidden, len(s.seqs), acc.add); err != nil {
+	stats, err := layerStats(s.ctx, s.runner, s.be, s.src, l, s.hidden, len(s.seqs))
+	if err != nil {
 		return nil, nil, fmt.Errorf("calibration forward, layer %d: %w", i, err)
 	}
-	return l, acc.moment(), nil
+	return l, stats, nil
 }
 
 func (s *stream) progress(stage string, i, n int) {

@@ -76,24 +76,22 @@ func BenchmarkLayer8B(b *testing.B) {
 	}
 	embed = nil
 	be := kernels.NewNative()
-	var moment []float64
+	var stats *LayerStats
 	b.Run("forward-32768", func(b *testing.B) {
 		for b.Loop() {
 			lr, err := eval.NewLayerRunner(src, be, seqLen)
 			if err != nil {
 				b.Fatal(err)
 			}
-			acc := newMomentAccumulator(be, src.HiddenSize)
 			h := append([]float32(nil), hidden...)
-			if err := lr.Apply(ctx, l, h, len(seqs), acc.add); err != nil {
+			if stats, err = layerStats(ctx, lr, be, src, l, h, len(seqs)); err != nil {
 				b.Fatal(err)
 			}
-			moment = acc.moment()
 		}
 	})
 	b.Run("convert-calibrated", func(b *testing.B) {
 		for b.Loop() {
-			if _, _, err := ConvertLayer(src, dst, opts, l, moment); err != nil {
+			if _, _, err := ConvertLayer(src, dst, opts, l, stats); err != nil {
 				b.Fatal(err)
 			}
 		}

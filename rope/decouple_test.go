@@ -263,9 +263,190 @@ func TestDecoupleIsReproducible(t *testing.T) {
 				continue
 			}
 			if !slices.Equal(dec.Rope, first.Rope) || !slices.Equal(dec.Nope, first.Nope) ||
-				!slices.Equal(dec.InvFreq, first.InvFreq) || !slices.Equal(dec.NopeInvFreq, first.NopeInvFreq) {
+				!slices.Equal(dec.InvFreq, first.InvFreq) {
 				t.Fatalf("freqfold %d: run %d differs from the first", fold, run)
 			}
 		}
 	}
+}
+
+// Slots at any stride rotate at the frequencies loaders compute from
+// SlotTheta, and a slot at a whole source index i·stride at that source
+// frequency: packing the slots on the fastest frequencies (stride 1) or
+// giving those two or four slots (1/2, 1/4) changes rope_theta only.
+func TestStrideSlotFrequencies(t *testing.T) {
+	src := Params{Dim: 32, Theta: 10000, Scaling: Scaling{Type: "llama3", Factor: 8, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 64}}
+	srcFreq, _, err := src.InvFreq()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := randMoments(rand.New(rand.NewPCG(7, 7)), 32, 2, 4)
+	for _, tc := range []struct {
+		ropeDim int
+		stride  float64
+		fold    int
+	}{
+		{8, 0, 0}, {8, 1, 0}, {16, 1, 2}, {16, 0.5, 1}, {32, 0.5, 2}, {48, 0.5, 1}, {8, 2, 2},
+	} {
+		dec, err := Decouple(src, 2, Options{RopeDim: tc.ropeDim, Stride: tc.stride, FreqFold: tc.fold}, m)
+		if err != nil {
+			t.Fatalf("rope dim %d stride %v: %v", tc.ropeDim, tc.stride, err)
+		}
+		loader := src
+		loader.Dim, loader.Theta = tc.ropeDim, SlotTheta(src.Theta, 32, tc.ropeDim, tc.stride)
+		want, _, _ := loader.InvFreq()
+		s := tc.stride
+		if s == 0 {
+			s = float64(32 / tc.ropeDim)
+		}
+		for i, f := range dec.InvFreq {
+			if math.Abs(f-want[i]) > 1e-12*want[i] {
+				t.Errorf("rope dim %d stride %v pair %d: rotates at %v, loaders compute %v", tc.ropeDim, tc.stride, i, f, want[i])
+			}
+			if j := float64(i) * s; j == math.Trunc(j) && math.Abs(f-srcFreq[int(j)]) > 1e-9*srcFreq[int(j)] {
+				t.Errorf("rope dim %d stride %v pair %d: rotates at %v, source frequency %d is %v", tc.ropeDim, tc.stride, i, f, int(j), srcFreq[int(j)])
+			}
+		}
+		if dec.RopeDim() != tc.ropeDim || dec.NopeDim() != 64-tc.ropeDim {
+			t.Errorf("rope dim %d stride %v: %d rope and %d nope rows", tc.ropeDim, tc.stride, dec.RopeDim(), dec.NopeDim())
+		}
+	}
+	for _, bad := range []Options{
+		{RopeDim: 18, Stride: 2},   // the last slot at source frequency 16, of 0..15
+		{RopeDim: 66, Stride: 0.5}, // the same at 16
+		{RopeDim: 16, Stride: 0.5, FreqFold: 3},
+		{RopeDim: 32, Stride: 0.25}, // four slots for the two components of a frequency
+		{RopeDim: 48},               // wider than head_dim needs a stride
+	} {
+		if _, err := Decouple(src, 2, bad, m); err == nil {
+			t.Errorf("%+v: no error", bad)
+		}
+	}
+}
+
+// With RankScore the key and query rows are dual bases, not orthogonal:
+// Σ_c query_c key_cᵀ = I, so every score is kept when all rows rotate at
+// their own frequency; and the RoPE rows carry more score variance (the
+// key energy seen through the queries) than key-energy RoRoPE's.
+func TestScoreRankIsDualAndKeepsMoreScore(t *testing.T) {
+	rng := rand.New(rand.NewPCG(8, 8))
+	src := Params{Dim: 16, Theta: 10000}
+	for trial := range 4 {
+		m := randMoments(rng, 16, 2, 6)
+		dec, err := Decouple(src, 2, Options{RopeDim: 8, FreqFold: 4, Rank: RankScore}, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := dec.KeyDim
+		keys := mat.NewDense(n, n, append(append([]float64{}, dec.Rope...), dec.Nope...))
+		queries := mat.NewDense(n, n, append(append([]float64{}, dec.QueryRope...), dec.QueryNope...))
+		var prod mat.Dense
+		prod.Mul(queries.T(), keys)
+		for i := range n {
+			for j := range n {
+				want := 0.0
+				if i == j {
+					want = 1
+				}
+				if math.Abs(prod.At(i, j)-want) > 1e-8 {
+					t.Fatalf("trial %d: (Qᵀ K)[%d,%d] = %v, want %v", trial, i, j, prod.At(i, j), want)
+				}
+			}
+		}
+		key, err := Decouple(src, 2, Options{RopeDim: 8, FreqFold: 4}, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a, b := scoreEnergy(dec, m, 16, 2), scoreEnergy(key, m, 16, 2); a < b*(1-1e-9) {
+			t.Errorf("trial %d: score ranking keeps %v of the score variance on RoPE rows, key ranking %v", trial, a, b)
+		}
+	}
+}
+
+// scoreEnergy is Σ over RoPE components c of (query energy)·(key energy):
+// the score variance the RoPE rows carry for independent queries and keys.
+func scoreEnergy(dec *Decoupling, m Moments, d, kvHeads int) float64 {
+	n := dec.KeyDim
+	// The queries' moment in the key space: block-diagonal by KV head.
+	q := mat.NewDense(n, n, nil)
+	for g := range kvHeads {
+		for i := range d {
+			for j := range d {
+				q.Set(g*d+i, g*d+j, m.Query[g*d*d+i*d+j])
+			}
+		}
+	}
+	k := mat.NewDense(n, n, m.Key)
+	var e float64
+	for r := range dec.RopeDim() {
+		kr := mat.NewVecDense(n, dec.Rope[r*n:(r+1)*n])
+		qr := mat.NewVecDense(n, dec.QueryRope[r*n:(r+1)*n])
+		e += mat.Inner(kr, k, kr) * mat.Inner(qr, q, qr)
+	}
+	return e
+}
+
+// A position-free component's Fix is the mean rotation over the head's
+// attention distances, and it is the best fixed 2×2 scaled rotation: the
+// mean squared score error Σ_Δ P(Δ)·|qᵀR(−ωΔ)k − qᵀMk|² over random q, k
+// is smallest at M = Fix (checked against the mean of cos/sin computed
+// here and against perturbed M).
+func TestNopeFixIsTheMeanRotation(t *testing.T) {
+	src := Params{Dim: 4, Theta: 10}
+	inv, _, _ := src.InvFreq()
+	prof := Profile{{0.5, 0.3, 0.1, 0.1}, {0.1, 0.1, 0.1, 0.7}}
+	m := Moments{Key: identity(4), Query: identity(4)}
+	// One KV head of 4 dims: 2 frequencies; RoPE on one slot (the fastest,
+	// stride 1) leaves frequency 1 position-free.
+	dec, err := Decouple(src, 1, Options{RopeDim: 2, Stride: 1, Profile: prof}, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dec.NopeFix) != 2 || len(dec.NopeFix[0]) != 1 {
+		t.Fatalf("fixes %v, want 2 heads × 1 component", dec.NopeFix)
+	}
+	rng := rand.New(rand.NewPCG(9, 9))
+	for h, p := range prof {
+		var c, s float64
+		for dist, w := range p {
+			c += w * math.Cos(inv[1]*float64(dist))
+			s += w * math.Sin(inv[1]*float64(dist))
+		}
+		f := dec.NopeFix[h][0]
+		if math.Abs(f.C-c) > 1e-12 || math.Abs(f.S-s) > 1e-12 {
+			t.Fatalf("head %d: fix %+v, want C %v S %v", h, f, c, s)
+		}
+		err := func(f Fix) float64 {
+			var e float64
+			r := rand.New(rand.NewPCG(10, 10))
+			for range 2000 {
+				q := [2]float64{r.NormFloat64(), r.NormFloat64()}
+				k := [2]float64{r.NormFloat64(), r.NormFloat64()}
+				fk := [2]float64{f.C*k[0] + f.S*k[1], -f.S*k[0] + f.C*k[1]}
+				for dist, w := range p {
+					sn, cs := math.Sincos(inv[1] * float64(dist))
+					// R(−ωΔ) = [[cos, sin], [−sin, cos]]
+					rk := [2]float64{cs*k[0] + sn*k[1], -sn*k[0] + cs*k[1]}
+					d := q[0]*(rk[0]-fk[0]) + q[1]*(rk[1]-fk[1])
+					e += w * d * d
+				}
+			}
+			return e
+		}
+		best := err(f)
+		for range 20 {
+			g := Fix{C: f.C + 0.05*rng.NormFloat64(), S: f.S + 0.05*rng.NormFloat64()}
+			if e := err(g); e < best {
+				t.Errorf("head %d: M %+v scores error %v, below the fix %+v's %v", h, g, e, f, best)
+			}
+		}
+	}
+}
+
+func identity(n int) []float64 {
+	m := make([]float64, n*n)
+	for i := range n {
+		m[i*n+i] = 1
+	}
+	return m
 }

@@ -40,7 +40,11 @@ func (res *Results) pplPlot(model, format string) ([]byte, error) {
 			methods = append(methods, r.Method)
 		}
 		series[r.Method] = append(series[r.Method], plotter.XY{X: r.CachePercent, Y: r.PPL})
-		labels[r.Method] = append(labels[r.Method], fmt.Sprintf("d_c %d", r.DC))
+		label := fmt.Sprintf("d_c %d", r.DC)
+		if r.Cache > 0 {
+			label = fmt.Sprintf("%d+%d", r.DC, r.RopeDim)
+		}
+		labels[r.Method] = append(labels[r.Method], label)
 		lo, hi = math.Min(lo, r.PPL), math.Max(hi, r.PPL)
 	}
 	if res.Original != nil {

@@ -50,7 +50,7 @@ const (
 var csvHeader = []string{
 	"method", "dc", "rope_dim", "cache_values_per_token", "cache_bytes_per_token", "cache_percent",
 	"ppl", "delta_ppl_percent", "mean_nll", "tokens_scored", "windows", "retained",
-	"convert_seconds", "eval_seconds",
+	"convert_seconds", "eval_seconds", "cache_budget", "rope_stride", "freqfold", "held_out_ppl",
 }
 
 // rebuild collects every saved point of the current setup and rewrites
@@ -78,7 +78,7 @@ func (r *runner) rebuild() (*Results, error) {
 		return len(r.c.Methods)
 	}
 	slices.SortFunc(res.Points, func(a, b Row) int {
-		return cmp.Or(cmp.Compare(order(a.Method), order(b.Method)), cmp.Compare(a.Method, b.Method), cmp.Compare(a.DC, b.DC))
+		return cmp.Or(cmp.Compare(order(a.Method), order(b.Method)), cmp.Compare(a.Method, b.Method), cmp.Compare(a.Cache, b.Cache), cmp.Compare(a.DC, b.DC))
 	})
 	spectra := make([]spectraFile, 0, len(r.st.spectra))
 	for _, f := range r.st.spectra {
@@ -135,10 +135,14 @@ func (res *Results) csv() ([]byte, error) {
 		if r.Method != originalName {
 			dc, ropeDim, retained = strconv.Itoa(r.DC), strconv.Itoa(r.RopeDim), f(r.Retained)
 		}
+		budget, stride, fold, held := "", "", "", ""
+		if r.Cache > 0 {
+			budget, stride, fold, held = strconv.Itoa(r.Cache), f(r.RopeStride), strconv.Itoa(r.FreqFold), f(r.HeldOutPPL)
+		}
 		w.Write([]string{
 			r.Method, dc, ropeDim, strconv.Itoa(r.CacheValuesPerToken), strconv.FormatInt(r.CacheBytesPerToken, 10), f(r.CachePercent),
 			f(r.PPL), f(r.DeltaPPLPercent), f(r.MeanNLL), strconv.Itoa(r.TokensScored), strconv.Itoa(r.Windows), retained,
-			f(r.ConvertSeconds), f(r.EvalSeconds),
+			f(r.ConvertSeconds), f(r.EvalSeconds), budget, stride, fold, held,
 		})
 	}
 	w.Flush()
@@ -166,8 +170,14 @@ func (res *Results) markdown() []byte {
 		fmt.Fprintf(&b, " (%d windows, %d tokens scored)", o.Windows, o.TokensScored)
 	}
 	fmt.Fprintf(&b, "; converted weights stored as %s.\n\n", s.DType)
-	b.WriteString("| method | d_c | cache values/token | cache % of original | ppl | Δppl % | time (s) |\n")
-	b.WriteString("|---|---|---|---|---|---|---|\n")
+	budgets := slices.ContainsFunc(res.Points, func(r Row) bool { return r.Cache > 0 })
+	if budgets {
+		b.WriteString("| series | cache/token/layer | d_c | d_r | stride | freqfold | held-out ppl | cache values/token | cache % of original | ppl | Δppl % | time (s) |\n")
+		b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	} else {
+		b.WriteString("| method | d_c | cache values/token | cache % of original | ppl | Δppl % | time (s) |\n")
+		b.WriteString("|---|---|---|---|---|---|---|\n")
+	}
 	for _, r := range res.rows() {
 		dc, pct, delta := "—", "—", "—"
 		if r.Method != originalName {
@@ -175,6 +185,15 @@ func (res *Results) markdown() []byte {
 		}
 		if res.Original != nil {
 			pct, delta = fmt.Sprintf("%.1f", r.CachePercent), fmt.Sprintf("%+.2f", r.DeltaPPLPercent)
+		}
+		if budgets {
+			budget, dr, stride, fold, held := "—", "—", "—", "—", "—"
+			if r.Cache > 0 {
+				budget, dr = strconv.Itoa(r.Cache), strconv.Itoa(r.RopeDim)
+				stride, fold, held = strconv.FormatFloat(r.RopeStride, 'g', -1, 64), strconv.Itoa(r.FreqFold), fmt.Sprintf("%.4f", r.HeldOutPPL)
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %d | %s | %.4f | %s | %.1f |\n", r.Method, budget, dc, dr, stride, fold, held, r.CacheValuesPerToken, pct, r.PPL, delta, r.ConvertSeconds+r.EvalSeconds)
+			continue
 		}
 		fmt.Fprintf(&b, "| %s | %s | %d | %s | %.4f | %s | %.1f |\n", r.Method, dc, r.CacheValuesPerToken, pct, r.PPL, delta, r.ConvertSeconds+r.EvalSeconds)
 	}

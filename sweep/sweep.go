@@ -45,6 +45,14 @@ type Config struct {
 	Model string
 	// Ranks are the latent widths d_c to measure.
 	Ranks []int
+	// Budgets, instead of Ranks, are KV-cache sizes in values per token
+	// and layer (d_c + d_r): at each, the split and RoPE settings are
+	// searched as convert --cache searches them (on held-out calibration
+	// text) and the best is measured, series "best"; with RopeDims, also
+	// the best at each of those d_r, series "drN". Methods then holds one
+	// method, the search's base options, and Calibration is required.
+	Budgets  []int
+	RopeDims []int
 	// Methods are the conversion methods, one series each.
 	Methods []Method
 	// DType is the stored dtype of the converted models ("" for the
@@ -166,6 +174,14 @@ type Point struct {
 	// Retained is the latent's weighted K_nope/V energy kept, the mean
 	// over layers (0 for the original).
 	Retained float64 `json:"retained,omitempty"`
+	// Cache is the budget of a searched point (values per token and
+	// layer); Chosen (convert's method string), RopeStride, FreqFold and
+	// HeldOutPPL are the conversion the search chose and its score.
+	Cache      int     `json:"cache_budget,omitempty"`
+	Chosen     string  `json:"chosen_method,omitempty"`
+	RopeStride float64 `json:"rope_stride,omitempty"`
+	FreqFold   int     `json:"freqfold,omitempty"`
+	HeldOutPPL float64 `json:"held_out_ppl,omitempty"`
 	// ConvertSeconds builds this point from the shared factorization;
 	// EvalSeconds evaluates it.
 	ConvertSeconds float64 `json:"convert_seconds"`
@@ -199,6 +215,25 @@ type methodKey struct {
 	ropeDim        int
 }
 
+// keys are the methodKeys of the series the sweep computes, by name.
+func (c *Config) keys() map[string]methodKey {
+	keys := map[string]methodKey{}
+	if len(c.Budgets) > 0 {
+		for _, s := range c.series() {
+			// The series' name carries its d_r; the search's base options
+			// and format must match.
+			k := c.key(c.Methods[0])
+			k.detail, k.ropeDim = "search:"+k.detail, 0
+			keys[s.name] = k
+		}
+		return keys
+	}
+	for _, m := range c.Methods {
+		keys[m.Name] = c.key(m)
+	}
+	return keys
+}
+
 func (c *Config) key(m Method) methodKey {
 	o := m.Options
 	format := o.Format
@@ -214,8 +249,16 @@ func (c *Config) validate() error {
 	switch {
 	case c.Dir == "":
 		return errors.New("sweep: no output directory")
-	case len(c.Ranks) == 0:
-		return errors.New("sweep: no latent widths")
+	case len(c.Ranks) == 0 && len(c.Budgets) == 0:
+		return errors.New("sweep: no latent widths or cache budgets")
+	case len(c.Ranks) > 0 && len(c.Budgets) > 0:
+		return errors.New("sweep: latent widths and cache budgets are two kinds of sweep; give one")
+	case len(c.Budgets) > 0 && len(c.Methods) != 1:
+		return errors.New("sweep: a budget sweep searches one method's settings")
+	case len(c.Budgets) > 0 && c.Calibration == nil:
+		return errors.New("sweep: a budget sweep scores its candidates on held-out calibration text; give a calibration file")
+	case len(c.RopeDims) > 0 && len(c.Budgets) == 0:
+		return errors.New("sweep: rope-dim series apply to budget sweeps")
 	case len(c.Methods) == 0:
 		return errors.New("sweep: no methods")
 	case c.Ctx < 2:
@@ -226,6 +269,16 @@ func (c *Config) validate() error {
 	for i, r := range c.Ranks {
 		if r <= 0 || slices.Contains(c.Ranks[:i], r) {
 			return fmt.Errorf("sweep: latent width %d is not positive or repeated", r)
+		}
+	}
+	for i, b := range c.Budgets {
+		if b <= 0 || slices.Contains(c.Budgets[:i], b) {
+			return fmt.Errorf("sweep: cache budget %d is not positive or repeated", b)
+		}
+	}
+	for i, d := range c.RopeDims {
+		if d <= 0 || d%2 != 0 || slices.Contains(c.RopeDims[:i], d) {
+			return fmt.Errorf("sweep: rope dim %d is not positive and even, or repeated", d)
 		}
 	}
 	for i, m := range c.Methods {
@@ -351,10 +404,7 @@ func load(c *Config, setup Setup) (*state, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys := map[string]methodKey{}
-	for _, m := range c.Methods {
-		keys[m.Name] = c.key(m)
-	}
+	keys := c.keys()
 	for _, name := range names {
 		data, err := os.ReadFile(name)
 		if err != nil {
@@ -375,6 +425,9 @@ func load(c *Config, setup Setup) (*state, error) {
 			var f pointFile
 			err = json.Unmarshal(data, &f)
 			was, method, key = f.Setup, f.Method, methodKey{f.MethodDetail, f.Format, f.RopeDim}
+			if f.Cache > 0 {
+				key.ropeDim = 0 // a searched point's d_r is its choice
+			}
 			keep = func() { s.points[name] = f }
 		}
 		if err != nil {
@@ -449,6 +502,9 @@ func (c *Config) resume(ctx context.Context, setup Setup) (*Results, error) {
 	st, err := load(c, setup)
 	if err != nil {
 		return nil, err
+	}
+	if len(c.Budgets) > 0 {
+		return c.resumeBudgets(ctx, setup, st)
 	}
 
 	// What is left to do.
@@ -662,7 +718,7 @@ func (r *runner) point(ctx context.Context, plan *convert.Plan, planMethods []in
 		if err := os.MkdirAll(filepath.Join(r.c.Dir, "checkpoints"), 0o755); err != nil {
 			return err
 		}
-		if _, err := plan.Write(ctx, pi, t.dc, checkpointPath(r.c.Dir, m.Name, t.dc), true); err != nil {
+		if _, err := plan.Write(ctx, pi, t.dc, checkpointPath(r.c.Dir, m.Name, t.dc), true, nil); err != nil {
 			return fmt.Errorf("write %s: %w", what, err)
 		}
 	}

@@ -203,7 +203,7 @@ func TestSweepResumes(t *testing.T) {
 		want   string
 	}{
 		{"windows", func(c *Config) { c.MaxWindows = 1 }, "max windows"},
-		{"method options", func(c *Config) { c.Methods[1].Options.NopeSpan = 4 }, "method 2norm+none"},
+		{"method options", func(c *Config) { c.Methods[1].Options.Weighting = convert.WeightBalanced }, "method 2norm+none"},
 		{"calibration", func(c *Config) { c.Calibration.Seed = 2 }, "calibration"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -437,4 +437,62 @@ func dirNames(t *testing.T, dir string) []string {
 		names = append(names, e.Name())
 	}
 	return names
+}
+
+// A budget sweep measures, at each cache budget, the search's best
+// conversion (series "best") and the best at each requested d_r: each
+// point is that candidate, evaluated on the data, with the budget, the
+// chosen settings and their held-out score; it resumes like a --dc sweep
+// and refuses points of other base options.
+func TestBudgetSweep(t *testing.T) {
+	if testing.Short() {
+		t.Skip("searches twice (-short)")
+	}
+	var evals []string
+	c := syntheticConfig(t, nil, &evals)
+	c.Methods = c.Methods[:1]
+	c.Budgets, c.RopeDims = []int{48, 96}, []int{16}
+	res, err := Run(context.Background(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"original", "best cache 48", "best cache 96", "dr16 cache 48", "dr16 cache 96"}
+	if !slices.Equal(evals, want) {
+		t.Fatalf("evaluated %q, want %q", evals, want)
+	}
+	var search convert.SearchResult
+	data, err := os.ReadFile(filepath.Join(c.Dir, searchJSON))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &search); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Points) != 4 || len(search.Budgets) != 2 {
+		t.Fatalf("%d points, %d searched budgets", len(res.Points), len(search.Budgets))
+	}
+	for _, p := range res.Points {
+		var chosen *convert.Candidate
+		for i, b := range search.Budgets {
+			for j, cd := range b.Candidates {
+				if b.Cache == p.Cache && ((p.Method == bestSeries && cd.Best) || (p.Method == "dr16" && cd.BestForRopeDim && cd.RopeDim == 16)) {
+					chosen = &search.Budgets[i].Candidates[j]
+				}
+			}
+		}
+		if chosen == nil || p.DC != chosen.Rank || p.RopeDim != chosen.RopeDim || p.HeldOutPPL != chosen.PPL || p.RopeStride != chosen.RopeStride {
+			t.Errorf("point %+v is not the search's choice %+v", p, chosen)
+		}
+		if p.DC+p.RopeDim > p.Cache || p.CacheValuesPerToken != (p.DC+p.RopeDim)*4 || !(p.PPL > 1) {
+			t.Errorf("point %+v", p)
+		}
+	}
+	evals = nil
+	if _, err := Run(context.Background(), c); err != nil || len(evals) != 0 {
+		t.Errorf("second run: %v, evaluated %q", err, evals)
+	}
+	c.Methods[0].Options.ValueWeight = 2
+	if _, err := Run(context.Background(), c); err == nil || !strings.Contains(err.Error(), "--force") {
+		t.Errorf("other base options: error %v, want one asking for --force", err)
+	}
 }

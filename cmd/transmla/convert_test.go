@@ -99,6 +99,13 @@ func TestConvertBadInput(t *testing.T) {
 		{"calibration shorter than a sequence", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-tokens", "100", "--calib-seq", "128"}, exitUsage, "--calib-tokens 100"},
 		{"calibration beyond any memory", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-tokens", "9000000000000000000"}, exitUsage, "exceeds the limit"},
 		{"missing dc", []string{"convert", dir}, exitUsage, "--dc"},
+		{"both cache and dc", []string{"convert", dir, "--dc", "32", "--cache", "64", "--calib", calib}, exitUsage, "not both"},
+		{"cache without calibration", []string{"convert", dir, "--cache", "64"}, exitUsage, "add --calib FILE"},
+		{"cache with a fixed freqfold", []string{"convert", dir, "--cache", "64", "--calib", calib, "--freqfold", "2"}, exitUsage, "chooses the RoPE slots"},
+		{"cache of zero", []string{"convert", dir, "--cache", "0", "--calib", calib}, exitUsage, `--cache "0"`},
+		{"cache above 100%", []string{"convert", dir, "--cache", "150%", "--calib", calib}, exitUsage, "percentage in (0, 100]"},
+		{"cache that fits nothing", []string{"convert", dir, "--cache", "6", "--calib", calib}, exitError, "no conversion fits a cache of 6"},
+		{"calibration longer than the trained context", []string{"convert", dir, "--dc", "32", "--calib", calib, "--calib-seq", "4096"}, exitUsage, "exceeds the model's max_position_embeddings 2048"},
 		{"already MLA", []string{"convert", mla, "--dc", "32"}, exitError, "already MLA"},
 		{"non-finite weights", []string{"convert", nan, "--dc", "32"}, exitError, "non-finite"},
 		{"unreadable calibration file", []string{"convert", dir, "--dc", "32", "--calib", filepath.Join(dir, "absent.txt")}, exitError, "calibration file"},
@@ -125,5 +132,47 @@ func TestConvertBadInput(t *testing.T) {
 				t.Errorf("left behind: %v", entries)
 			}
 		})
+	}
+}
+
+// convert --cache searches on held-out calibration text and writes the
+// best candidate: the report lists every candidate scored, one best, and
+// the written shape fills the budget (50% of the synthetic 2·2·32).
+func TestConvertCacheSearch(t *testing.T) {
+	if testing.Short() {
+		t.Skip("scores a dozen conversions (-short)")
+	}
+	dir := synthetic(t)
+	out := filepath.Join(t.TempDir(), "mla")
+	stdout, stderr, code := run(t, "convert", dir, "--cache", "50%", "--calib", calibFile(t), "--calib-tokens", "1024", "--calib-seq", "64", "-o", out, "--json")
+	if code != 0 {
+		t.Fatalf("convert --cache exit %d: %s", code, stderr)
+	}
+	var rep convertReport
+	if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Search == nil || len(rep.Search.Budgets) != 1 || rep.Search.Budgets[0].Cache != 64 {
+		t.Fatalf("search report %+v", rep.Search)
+	}
+	b := rep.Search.Budgets[0]
+	best := 0
+	for _, c := range b.Candidates {
+		if c.Best {
+			best++
+			if c.Rank != rep.Rank || c.RopeDim != rep.RopeDim {
+				t.Errorf("best candidate %+v, written kv_lora_rank %d + qk_rope_head_dim %d", c, rep.Rank, rep.RopeDim)
+			}
+		}
+	}
+	if best != 1 || len(b.Candidates) < 3 || rep.Rank+rep.RopeDim > 64 {
+		t.Errorf("%d best of %d candidates; wrote %d + %d", best, len(b.Candidates), rep.Rank, rep.RopeDim)
+	}
+	if !strings.Contains(rep.Method, "nope_fix(attention_profile)") {
+		t.Errorf("method %q", rep.Method)
+	}
+	stdout, stderr, code = run(t, "convert", dir, "--cache", "64", "--rope-dim", "16", "--calib", calibFile(t), "--calib-tokens", "1024", "--calib-seq", "64", "-o", out, "--force")
+	if code != 0 || !strings.Contains(stdout, "← best") || !strings.Contains(stdout, "qk_rope_head_dim 16") {
+		t.Errorf("convert --cache --rope-dim exit %d:\n%s%s", code, stdout, stderr)
 	}
 }

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"fmt"
 	"slices"
 	"strconv"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/transmla/transmla/convert"
+	"github.com/transmla/transmla/model"
 )
 
 // The conversion flags that convert and sweep share are read here, so
@@ -37,7 +39,11 @@ func checkDType(c *cli.Context) error {
 // calibrationFlags reads --calib and its sizes; nil means data-free.
 // what names the runs ("conversions", "sweeps") in the message about
 // size flags given without --calib.
-func calibrationFlags(c *cli.Context, what string) (*convert.Calibration, error) {
+//
+// Sequences longer than the model's max_position_embeddings would
+// calibrate on positions it never trained on: the default --calib-seq is
+// capped there (with a note on stderr), a longer explicit one refused.
+func calibrationFlags(c *cli.Context, what string, cfg model.Config) (*convert.Calibration, error) {
 	file := c.String("calib")
 	if file == "" {
 		for _, f := range []string{"calib-tokens", "calib-seq", "seed"} {
@@ -48,6 +54,13 @@ func calibrationFlags(c *cli.Context, what string) (*convert.Calibration, error)
 		return nil, nil
 	}
 	cal := &convert.Calibration{File: file, Tokens: c.Int("calib-tokens"), SeqLen: c.Int("calib-seq"), Seed: c.Uint64("seed")}
+	if m := cfg.MaxPositionEmbeddings; m > 0 && cal.SeqLen > m {
+		if c.IsSet("calib-seq") {
+			return nil, usagef("--calib-seq %d exceeds the model's max_position_embeddings %d", cal.SeqLen, m)
+		}
+		fmt.Fprintf(c.App.ErrWriter, "note: --calib-seq %d capped at the model's max_position_embeddings %d\n", cal.SeqLen, m)
+		cal.SeqLen = m
+	}
 	if cal.SeqLen < 2 {
 		return nil, usagef("--calib-seq %d must be at least 2", cal.SeqLen)
 	}

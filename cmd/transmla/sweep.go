@@ -29,13 +29,22 @@ spectra-METHOD.png/.svg. Calibration runs once and each layer is factored once; 
 width is a truncation of that one factorization, and each point is exactly what
 convert --dc N followed by eval gives.
 
+With --cache LIST instead of --dc, each point is a KV-cache budget (values per token and
+layer, or % of the source's): the split between d_r and d_c and the RoPE settings are
+searched as convert --cache searches them (scored on held-out calibration text, never on
+--data), one search for all budgets, and the best is measured: series "best", and with
+--rope-dim LIST one series "drN" per fixed d_r. DIR/search.json holds every candidate's
+score.
+
 Each point is saved in DIR/points as it completes: running the same command again
 skips finished points (Ctrl-C loses only the point in progress). Results of other
 settings in DIR are refused; --force discards them and recomputes every point.`,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "dc", Usage: "latent widths kv_lora_rank, comma-separated (required), e.g. 32,64,128,192,256,320,448"},
+			&cli.StringFlag{Name: "dc", Usage: "latent widths kv_lora_rank, comma-separated, e.g. 32,64,128,192,256,320,448"},
+			&cli.StringFlag{Name: "cache", Usage: "instead of --dc: KV-cache budgets per token and layer (values or % of the source's), comma-separated, e.g. 128,192,256,320,512; the split is searched (needs --calib)"},
 			&cli.StringFlag{Name: "method", Usage: "comma-separated methods, each ROPE-SELECT+WEIGHTING (either part alone keeps the other's default): rope-select " + strings.Join(rope.Methods(), ", ") + "; weighting " + strings.Join(convert.Weightings(), ", "), Value: rope.MethodRoRoPE + "+" + convert.WeightAttention},
-			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim", DefaultText: "64, or the largest even divisor of head_dim below it"},
+			&cli.StringFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim; with --cache, a comma-separated list of d_r series", DefaultText: "64, or the largest even divisor of head_dim below it"},
+			&cli.Float64Flag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N (see convert --help; not with --cache)", DefaultText: "head_dim/rope-dim"},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, or auto", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
 			&cli.Float64Flag{Name: "value-weight", Usage: "attention weighting: weight of value error relative to key error", Value: 1},
@@ -55,8 +64,17 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			&cli.BoolFlag{Name: "json", Usage: "print results.json instead of the table"},
 		},
 		Action: func(c *cli.Context) error {
-			if err := requireFlags(c, "dc", "data", "output"); err != nil {
+			if err := requireFlags(c, "data", "output"); err != nil {
 				return err
+			}
+			budgets := c.IsSet("cache")
+			switch {
+			case budgets == c.IsSet("dc"):
+				return usagef("sweep: give --dc LIST (latent widths) or --cache LIST (cache budgets), one of them")
+			case budgets && (c.IsSet("freqfold") || c.IsSet("rope-stride")):
+				return usagef("sweep --cache searches the RoPE slots and FreqFold itself; fix them with --dc instead")
+			case budgets && strings.Contains(c.String("method"), ","):
+				return usagef("sweep --cache searches one method's settings; give one --method")
 			}
 			switch d := c.String("device"); d {
 			case "cpu":
@@ -81,11 +99,31 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			if max := cfg.MaxPositionEmbeddings; max > 0 && c.Int("ctx") > max {
 				return usagef("--ctx %d exceeds the model's max_position_embeddings %d", c.Int("ctx"), max)
 			}
-			ranks, err := parseRanks(c.String("dc"))
-			if err != nil {
-				return err
+			var ranks, caches, ropeDims []int
+			maxRank := 1
+			if budgets {
+				for f := range strings.SplitSeq(c.String("cache"), ",") {
+					n, err := parseCache(strings.TrimSpace(f), cfg)
+					if err != nil {
+						return err
+					}
+					if slices.Contains(caches, n) {
+						return usagef("--cache %q: %d is given twice", c.String("cache"), n)
+					}
+					caches = append(caches, n)
+				}
+				if c.IsSet("rope-dim") {
+					if ropeDims, err = parseList("rope-dim", c.String("rope-dim")); err != nil {
+						return err
+					}
+				}
+			} else {
+				if ranks, err = parseRanks(c.String("dc")); err != nil {
+					return err
+				}
+				maxRank = slices.Max(ranks)
 			}
-			methods, err := sweepMethods(c, cfg, slices.Max(ranks))
+			methods, err := sweepMethods(c, cfg, maxRank, !budgets)
 			if err != nil {
 				return err
 			}
@@ -94,13 +132,16 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 				return err
 			}
 			sc := sweep.Config{
-				Model: dir, Ranks: ranks, Methods: methods, DType: c.String("dtype"),
+				Model: dir, Ranks: ranks, Budgets: caches, RopeDims: ropeDims, Methods: methods, DType: c.String("dtype"),
 				Data: c.String("data"), Ctx: c.Int("ctx"), MaxWindows: c.Int("max-windows"),
 				Dir: c.String("output"), Force: c.Bool("force"), KeepCheckpoints: c.Bool("keep-checkpoints"),
 				Backend: be, Version: version,
 			}
-			if sc.Calibration, err = calibrationFlags(c, "sweeps"); err != nil {
+			if sc.Calibration, err = calibrationFlags(c, "sweeps", cfg); err != nil {
 				return err
+			}
+			if budgets && sc.Calibration == nil {
+				return usagef("sweep --cache scores its candidates on held-out calibration text: add --calib FILE")
 			}
 			sc.Progress = sweepProgress(c)
 			res, err := sweep.Run(c.Context, sc)
@@ -121,28 +162,36 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 }
 
 // parseRanks reads --dc's comma-separated widths.
-func parseRanks(s string) ([]int, error) {
-	var ranks []int
+func parseRanks(s string) ([]int, error) { return parseList("dc", s) }
+
+// parseList reads flag's comma-separated positive numbers.
+func parseList(flag, s string) ([]int, error) {
+	var out []int
 	for f := range strings.SplitSeq(s, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n <= 0 {
-			return nil, usagef("--dc %q: want positive widths separated by commas, e.g. 64,128,256", s)
+			return nil, usagef("--%s %q: want positive numbers separated by commas, e.g. 64,128,256", flag, s)
 		}
-		if slices.Contains(ranks, n) {
-			return nil, usagef("--dc %q: %d is given twice", s, n)
+		if slices.Contains(out, n) {
+			return nil, usagef("--%s %q: %d is given twice", flag, s, n)
 		}
-		ranks = append(ranks, n)
+		out = append(out, n)
 	}
-	return ranks, nil
+	return out, nil
 }
 
 // sweepMethods builds --method's methods on the shared conversion flags
-// and validates each at the largest width.
-func sweepMethods(c *cli.Context, cfg model.Config, maxRank int) ([]sweep.Method, error) {
+// and, when validate (a --dc sweep), validates each at the largest width.
+func sweepMethods(c *cli.Context, cfg model.Config, maxRank int, validate bool) ([]sweep.Method, error) {
 	base := convert.DefaultOptions(cfg, maxRank)
-	if c.IsSet("rope-dim") {
-		base.RopeDim = c.Int("rope-dim")
+	if c.IsSet("rope-dim") && validate {
+		n, err := strconv.Atoi(c.String("rope-dim"))
+		if err != nil {
+			return nil, usagef("--rope-dim %q: want one even number with --dc", c.String("rope-dim"))
+		}
+		base.RopeDim = n
 	}
+	base.RopeStride = c.Float64("rope-stride")
 	base.NopeSpan = c.Float64("nope-span")
 	base.ValueWeight = c.Float64("value-weight")
 	base.Format = c.String("format")
@@ -168,10 +217,15 @@ func sweepMethods(c *cli.Context, cfg model.Config, maxRank int) ([]sweep.Method
 		}
 		o.FreqFold = freqFold
 		if freqFold == 0 && o.RopeMethod == rope.MethodRoRoPE {
-			o.FreqFold = convert.AutoFreqFold(cfg.HeadDim, o.RopeDim)
+			o.FreqFold = convert.AutoFreqFold(cfg, o.RopeDim, o.RopeStride)
 		}
-		if err := o.Validate(cfg); err != nil {
-			return nil, usageError{fmt.Errorf("--method %s: %w", spec, err)}
+		if !validate && o.RopeMethod != rope.MethodRoRoPE {
+			return nil, usagef("sweep --cache searches RoRoPE's slots: --method %s is not rorope", spec)
+		}
+		if validate {
+			if err := o.Validate(cfg); err != nil {
+				return nil, usageError{fmt.Errorf("--method %s: %w", spec, err)}
+			}
 		}
 		name := o.RopeMethod + "+" + o.Weighting
 		if slices.ContainsFunc(methods, func(m sweep.Method) bool { return m.Name == name }) {

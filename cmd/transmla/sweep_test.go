@@ -73,7 +73,13 @@ func TestSweepUsageErrors(t *testing.T) {
 		{[]string{"--dc", "16", "--calib", data, "--calib-tokens", "100", "--calib-seq", "128"}, "--calib-tokens 100"},
 		{[]string{"--dc", "16", "--calib", data, "--calib-tokens", "9000000000000000000"}, "exceeds the limit"},
 		{[]string{"--dc", "16", "--ctx", "4096"}, "max_position_embeddings"},
-		{[]string{"--data", data}, "--dc is required"},
+		{[]string{"--data", data}, "give --dc LIST (latent widths) or --cache LIST"},
+		{[]string{"--dc", "16", "--cache", "64"}, "one of them"},
+		{[]string{"--cache", "64"}, "add --calib FILE"},
+		{[]string{"--cache", "64,64", "--calib", data}, "twice"},
+		{[]string{"--cache", "64", "--calib", data, "--freqfold", "2"}, "searches the RoPE slots"},
+		{[]string{"--cache", "64", "--calib", data, "--method", "2norm"}, "not rorope"},
+		{[]string{"--cache", "64", "--calib", data, "--rope-dim", "16,x"}, "--rope-dim"},
 	} {
 		_, stderr, code := run(t, append(base, tc.args...)...)
 		if code != 2 || !strings.Contains(stderr, tc.want) {
