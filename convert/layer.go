@@ -165,12 +165,13 @@ func (p *layerPlan) decouple(wq, wk *mat.Dense) (*rope.Decoupling, error) {
 	}, p.moments(wq, wk))
 }
 
-// ropeRank is the RoRoPE ranking; the per-head selections have none.
+// ropeRank is the RoRoPE ranking (Options.RopeRank); the per-head
+// selections have none.
 func (p *layerPlan) ropeRank() string {
 	if p.opts.RopeMethod != rope.MethodRoRoPE {
 		return ""
 	}
-	return p.opts.RopeRank
+	return p.opts.rank(p.moment != nil)
 }
 
 // attentionProfile is the distance profile the RoPE stage's fixes average

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/rope"
@@ -57,7 +58,10 @@ type Options struct {
 	// FreqFold is RoRoPE's band of frequencies rotated together; 0 is the
 	// smallest (the stride).
 	FreqFold int
-	// RopeRank is RoRoPE's ranking of components (rope.Rankings()).
+	// RopeRank is RoRoPE's ranking of components (rope.Rankings()); ""
+	// ranks by score when calibrated and by key energy when data-free,
+	// where the queries' moments are the weights' alone (measured: score
+	// ranking is better with calibration, worse without).
 	RopeRank string
 	// NopeSpan, when positive, scales each position-free key component by
 	// the mean of cos(ωΔ) over distances Δ in [0, NopeSpan]: the rotation
@@ -100,7 +104,7 @@ func DefaultRopeDim(headDim int) int {
 func DefaultOptions(cfg model.Config, rank int) Options {
 	dr := DefaultRopeDim(cfg.HeadDim)
 	return Options{
-		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg, dr, 0), RopeRank: rope.RankScore,
+		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg, dr, 0),
 		NopeSpan: DefaultNopeSpan, Weighting: WeightAttention, ValueWeight: 1, Format: FormatExact,
 	}
 }
@@ -124,6 +128,17 @@ func AutoFreqFold(cfg model.Config, ropeDim int, stride float64) int {
 		return fold
 	}
 	return unit
+}
+
+// rank resolves RopeRank for a calibrated or data-free conversion.
+func (o Options) rank(calibrated bool) string {
+	switch {
+	case o.RopeRank != "":
+		return o.RopeRank
+	case calibrated:
+		return rope.RankScore
+	}
+	return rope.RankKey
 }
 
 func (o Options) valueWeight() float64 {
@@ -170,6 +185,9 @@ func (o Options) Validate(cfg model.Config) error {
 		}
 		if err := rope.CheckSlots(d, o.RopeDim, o.RopeStride); err != nil {
 			return fmt.Errorf("--rope-dim %d with --rope-stride %v: %w", o.RopeDim, o.RopeStride, err)
+		}
+		if o.RopeRank != "" && !slices.Contains(rope.Rankings(), o.RopeRank) {
+			return fmt.Errorf("--rope-rank %q is not one of auto, %s", o.RopeRank, strings.Join(rope.Rankings(), ", "))
 		}
 		if !slices.Contains(rope.Methods(), o.RopeMethod) {
 			return fmt.Errorf("--rope-select %q is not one of %v", o.RopeMethod, rope.Methods())

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -137,8 +138,8 @@ func (o Options) Method(calibrated bool) string {
 	}
 	if rope == ropepkg.MethodRoRoPE {
 		args = append(args, fmt.Sprintf("freqfold=%d", o.FreqFold))
-		if o.RopeRank != "" && o.RopeRank != ropepkg.RankKey {
-			args = append(args, "rank="+o.RopeRank)
+		if r := o.rank(calibrated); r != ropepkg.RankKey {
+			args = append(args, "rank="+r)
 		}
 	}
 	if len(args) > 0 {
@@ -158,6 +159,22 @@ func (o Options) Method(calibrated bool) string {
 		w += fmt.Sprintf(",value_weight=%g", o.valueWeight())
 	}
 	return fmt.Sprintf("%s+%s(weighting=%s)", rope, latent, w)
+}
+
+// oneHeadRoPENote warns when the RoPE key is one head wide at one slot per
+// frequency (d_r = head_dim, stride 1) for a source with several KV heads:
+// all heads then share one rotating component per frequency and the other
+// n_kv−1 lose their rotation. Where neighbouring frequencies are close,
+// fractional strides keep more (two slots per fast frequency).
+func oneHeadRoPENote(src model.Config, o Options) string {
+	if o.ExactRoPE || src.NumKVHeads < 2 || o.RopeDim != src.HeadDim || (o.RopeStride != 0 && o.RopeStride != 1) {
+		return ""
+	}
+	n := fmt.Sprintf("d_r = head_dim = %d: one RoPE key of a head's width, shared by all %d query heads, keeps one of the %d KV heads' rotating components per frequency", src.HeadDim, src.NumHeads, src.NumKVHeads)
+	if math.Pow(src.Rope.Theta, 2/float64(src.HeadDim)) <= 4 {
+		n += "; --cache searches wider keys with two or more slots per fast frequency (--rope-stride 1/2)"
+	}
+	return n
 }
 
 // Run converts job.Source into job.Output one layer at a time: each layer
@@ -209,6 +226,9 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 			how = "dropped (no calibration data to fold them with)"
 		}
 		sum.Notes = append(sum.Notes, "the source's q/k/v biases have no place in the stock layout: "+how+"; the exact format keeps them")
+	}
+	if n := oneHeadRoPENote(src, job.Options); n != "" {
+		sum.Notes = append(sum.Notes, n)
 	}
 	if pb := job.prebuilt; pb != nil {
 		sum.CalibrationSHA256, sum.CalibrationTokens = pb.calibrationSHA256, pb.calibrationTokens

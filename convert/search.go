@@ -319,10 +319,10 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 // heldOutWindows sizes the held-out text of job (see SearchJob.Windows).
 func heldOutWindows(job SearchJob, cfg model.Config) (windows, ctxLen int, err error) {
 	windows, ctxLen = job.Windows, job.Ctx
+	if ctxLen != 0 && ctxLen < 2 || windows < 0 {
+		return 0, 0, fmt.Errorf("search: %d held-out windows of %d tokens", windows, ctxLen)
+	}
 	if windows > 0 && ctxLen > 0 {
-		if ctxLen < 2 {
-			return 0, 0, fmt.Errorf("search: held-out windows of %d tokens", ctxLen)
-		}
 		return windows, ctxLen, nil
 	}
 	text, err := os.ReadFile(job.Calibration.File)
@@ -342,12 +342,12 @@ func heldOutWindows(job SearchJob, cfg model.Config) (windows, ctxLen int, err e
 		if m := cfg.MaxPositionEmbeddings; m > 0 {
 			ctxLen = min(ctxLen, m)
 		}
-		for windows*ctxLen > quarter && windows > 2 && job.Windows == 0 {
-			windows--
-		}
-		for windows*ctxLen > quarter && ctxLen > 64 {
-			ctxLen /= 2
-		}
+	}
+	for windows*ctxLen > quarter && windows > 2 && job.Windows == 0 {
+		windows--
+	}
+	for windows*ctxLen > quarter && ctxLen > 64 && job.Ctx == 0 {
+		ctxLen /= 2
 	}
 	if windows*ctxLen > quarter {
 		return 0, 0, fmt.Errorf("calibration file %s: %d tokens, too short to hold out %d windows of %d for the search (a quarter at most); use a longer file", job.Calibration.File, 4*quarter, windows, ctxLen)

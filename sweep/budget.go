@@ -116,7 +116,7 @@ func (r *runner) search(ctx context.Context) (*convert.SearchResult, error) {
 	r.step++
 	job := convert.SearchJob{
 		Source: r.c.Model, Budgets: r.c.Budgets, Base: r.c.Methods[0].Options, RopeDims: r.c.RopeDims,
-		DType: r.c.DType, Calibration: r.c.Calibration, Backend: r.c.Backend, Version: r.c.Version,
+		DType: r.c.DType, Calibration: r.c.Calibration, Backend: r.c.Backend, Version: r.c.Version, Ctx: r.c.SearchCtx,
 	}
 	job.Base.RopeDim = 0
 	job.Progress = func(ev convert.Event) {
@@ -156,7 +156,14 @@ func (r *runner) budgetPoint(ctx context.Context, search *convert.SearchResult, 
 		r.progress(what+": no candidate fits", 1, 1, nil)
 		return nil
 	}
-	if t.eval {
+	if m, ok := r.measured[cand]; t.eval && ok {
+		// Another series chose this very conversion: same figures.
+		p := m.p
+		p.Method = t.series.name
+		if err := r.save(budgetPointPath(r.c.Dir, t.series.name, t.budget), p, m.res); err != nil {
+			return err
+		}
+	} else if t.eval {
 		r.progress("build "+what, 0, 1, nil)
 		start := time.Now()
 		cm, reports, err := search.Model(cand)
@@ -180,6 +187,10 @@ func (r *runner) budgetPoint(ctx context.Context, search *convert.SearchResult, 
 		if err := r.save(budgetPointPath(r.c.Dir, t.series.name, t.budget), p, res); err != nil {
 			return err
 		}
+		if r.measured == nil {
+			r.measured = map[convert.Candidate]measuredPoint{}
+		}
+		r.measured[cand] = measuredPoint{p, res}
 	}
 	if r.c.KeepCheckpoints {
 		r.progress("write "+what, 0, 1, nil)

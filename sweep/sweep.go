@@ -53,6 +53,9 @@ type Config struct {
 	// method, the search's base options, and Calibration is required.
 	Budgets  []int
 	RopeDims []int
+	// SearchCtx is the length of the held-out windows a budget sweep
+	// scores its candidates on (0: convert's default).
+	SearchCtx int
 	// Methods are the conversion methods, one series each.
 	Methods []Method
 	// DType is the stored dtype of the converted models ("" for the
@@ -223,7 +226,7 @@ func (c *Config) keys() map[string]methodKey {
 			// The series' name carries its d_r; the search's base options
 			// and format must match.
 			k := c.key(c.Methods[0])
-			k.detail, k.ropeDim = "search:"+k.detail, 0
+			k.detail, k.ropeDim = fmt.Sprintf("search(ctx=%d):%s", c.SearchCtx, k.detail), 0
 			keys[s.name] = k
 		}
 		return keys
@@ -586,6 +589,14 @@ type runner struct {
 	ids   []int
 	step  int
 	steps int
+	// measured holds the budget points evaluated in this run by their
+	// conversion, so that a series choosing the same one reuses it.
+	measured map[convert.Candidate]measuredPoint
+}
+
+type measuredPoint struct {
+	p   Point
+	res eval.PerplexityResult
 }
 
 func (r *runner) progress(what string, done, total int, finished *Row) {

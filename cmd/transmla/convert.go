@@ -51,10 +51,11 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
 			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
 			&cli.StringFlag{Name: "cache", Usage: "KV cache per token and layer, d_c + d_r, in values (e.g. 256) or % of the source's (e.g. 50%): search the best split on the calibration text (needs --calib)"},
+			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows the candidates are scored on (long-context models: the context they serve)", DefaultText: "min(1024, max_position_embeddings)"},
 			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (instead of --cache); at most 2·n_kv·head_dim − rope-dim"},
 			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim, even (fixes it in a --cache search)", DefaultText: "64, or the largest even divisor of head_dim below it"},
 			&cli.Float64Flag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N: head_dim/rope-dim spreads the slots over all frequencies, 1 packs them on the fastest, 1/2 or 1/4 gives those two or four slots (rope_theta is set to match)", DefaultText: "head_dim/rope-dim"},
-			&cli.StringFlag{Name: "rope-rank", Usage: "rorope: rank components by the score variance they carry (score: key energy seen through the queries) or by key energy (key, TransMLA's)", Value: rope.RankScore},
+			&cli.StringFlag{Name: "rope-rank", Usage: "rorope: rank components by the score variance they carry (score: key energy seen through the queries) or by key energy (key, TransMLA's); auto is score when calibrated, key when data-free", Value: "auto"},
 			&cli.StringFlag{Name: "rope-select", Usage: "which key dims keep RoPE: rorope (PCA across KV heads), or per-head pairs 2norm, high, uniform", Value: rope.MethodRoRoPE},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of the stride, or auto (two slots' worth where those frequencies are within 2×)", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "data-free: read each de-rotated key through its mean lost rotation over distances 0..N (0 = off); calibrated conversions measure the distances", Value: convert.DefaultNopeSpan},
@@ -90,7 +91,9 @@ directory appears only when complete; MODEL is never modified.`,
 				opts.RopeDim = c.Int("rope-dim")
 			}
 			opts.RopeStride = c.Float64("rope-stride")
-			opts.RopeRank = c.String("rope-rank")
+			if r := c.String("rope-rank"); r != "auto" {
+				opts.RopeRank = r
+			}
 			opts.RopeMethod = c.String("rope-select")
 			opts.NopeSpan = c.Float64("nope-span")
 			opts.Weighting = c.String("weighting")
@@ -210,7 +213,10 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	if !c.IsSet("rope-dim") {
 		base.RopeDim = 0
 	}
-	job := convert.SearchJob{Source: dir, Budgets: []int{budget}, Base: base, DType: c.String("dtype"), Calibration: cal, Backend: be, Version: version}
+	job := convert.SearchJob{Source: dir, Budgets: []int{budget}, Base: base, DType: c.String("dtype"), Calibration: cal, Backend: be, Version: version, Ctx: c.Int("search-ctx")}
+	if c.IsSet("search-ctx") && (job.Ctx < 2 || (cfg.MaxPositionEmbeddings > 0 && job.Ctx > cfg.MaxPositionEmbeddings)) {
+		return usagef("--search-ctx %d must be in [2, max_position_embeddings %d]", job.Ctx, cfg.MaxPositionEmbeddings)
+	}
 	bar := newProgress(c.App.ErrWriter, cfg.NumLayers*2, "searching")
 	job.Progress = func(ev convert.Event) {
 		switch ev.Stage {

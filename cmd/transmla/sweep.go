@@ -42,6 +42,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "dc", Usage: "latent widths kv_lora_rank, comma-separated, e.g. 32,64,128,192,256,320,448"},
 			&cli.StringFlag{Name: "cache", Usage: "instead of --dc: KV-cache budgets per token and layer (values or % of the source's), comma-separated, e.g. 128,192,256,320,512; the split is searched (needs --calib)"},
+			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows candidates are scored on", DefaultText: "min(1024, max_position_embeddings)"},
 			&cli.StringFlag{Name: "method", Usage: "comma-separated methods, each ROPE-SELECT+WEIGHTING (either part alone keeps the other's default): rope-select " + strings.Join(rope.Methods(), ", ") + "; weighting " + strings.Join(convert.Weightings(), ", "), Value: rope.MethodRoRoPE + "+" + convert.WeightAttention},
 			&cli.StringFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim; with --cache, a comma-separated list of d_r series", DefaultText: "64, or the largest even divisor of head_dim below it"},
 			&cli.Float64Flag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N (see convert --help; not with --cache)", DefaultText: "head_dim/rope-dim"},
@@ -132,7 +133,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 				return err
 			}
 			sc := sweep.Config{
-				Model: dir, Ranks: ranks, Budgets: caches, RopeDims: ropeDims, Methods: methods, DType: c.String("dtype"),
+				Model: dir, Ranks: ranks, Budgets: caches, RopeDims: ropeDims, SearchCtx: c.Int("search-ctx"), Methods: methods, DType: c.String("dtype"),
 				Data: c.String("data"), Ctx: c.Int("ctx"), MaxWindows: c.Int("max-windows"),
 				Dir: c.String("output"), Force: c.Bool("force"), KeepCheckpoints: c.Bool("keep-checkpoints"),
 				Backend: be, Version: version,
