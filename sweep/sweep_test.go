@@ -2,12 +2,12 @@ package sweep
 
 import (
 	"bytes"
-	"fmt"
 	"context"
 	"encoding/csv"
 	"encoding/json"
 	"encoding/xml"
 	"errors"
+	"fmt"
 	"image/png"
 	"io"
 	"math"
