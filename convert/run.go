@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
@@ -186,10 +185,12 @@ func oneHeadRoPENote(src model.Config, o Options) string {
 // The result is built in a temporary directory beside Output, named
 // .OUTPUT.partial-*, and renamed to Output only when complete and synced;
 // with Force an existing Output is replaced in one atomic exchange on
-// Linux. On error or cancellation the temporary directory is removed and
-// Output is left as it was. A process killed outright (SIGKILL, power
-// loss) may leave the temporary directory behind, never a partial Output;
-// later runs ignore such leftovers, which are safe to delete.
+// Linux. An Output that is a symbolic link is kept and its target
+// directory written instead (atomicfile.OutputDir). On error or
+// cancellation the temporary directory is removed and Output is left as
+// it was. A process killed outright (SIGKILL, power loss) may leave the
+// temporary directory behind, never a partial Output; later runs ignore
+// such leftovers, which are safe to delete.
 func Run(ctx context.Context, job Job) (*Summary, error) {
 	start := time.Now()
 	reader, dt, err := openSource(job.Source, job.DType)
@@ -243,9 +244,9 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 		sum.Notes = append(sum.Notes, st.notes...)
 	}
 
-	tmp, err := os.MkdirTemp(filepath.Dir(filepath.Clean(job.Output)), "."+filepath.Base(job.Output)+".partial-")
+	tmp, err := atomicfile.TempDir(job.Output)
 	if err != nil {
-		return nil, fmt.Errorf("create output: %w", err)
+		return nil, err
 	}
 	committed := false
 	defer func() {
@@ -326,9 +327,6 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 		return nil, err
 	}
 	committed = true
-	if err := atomicfile.SyncDir(filepath.Dir(filepath.Clean(job.Output))); err != nil {
-		return nil, fmt.Errorf("output %s is complete but: %w", job.Output, err)
-	}
 	sum.Layers = st.reports
 	sum.Seconds = time.Since(start).Seconds()
 	return sum, nil
@@ -382,91 +380,36 @@ func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options
 	return opts, nil
 }
 
-// checkOutput refuses an output that is the source, or exists without force.
+// checkOutput refuses an output that is the source (or holds it, or lies
+// inside it), that exists without force, or that is not a directory; see
+// atomicfile.OutputDir for outputs that are symbolic links.
 func checkOutput(source, output string, force bool) error {
 	if output == "" {
 		return errors.New("no output directory (-o DIR)")
 	}
 	// Compared with their links resolved: replacing an output that is
 	// the source, or holds it, under another name would delete it.
-	a, b := resolvedPath(source), resolvedPath(output)
-	if a == b || within(a, b) || within(b, a) {
+	if atomicfile.Inside(output, source) || atomicfile.Inside(source, output) {
 		return fmt.Errorf("output %s is, contains or lies inside the source %s; convert never modifies its input", output, source)
 	}
-	if _, err := os.Stat(output); err == nil && !force {
-		return fmt.Errorf("output %s exists; pass --force to replace it", output)
-	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("output %s: %w", output, err)
-	}
-	return nil
-}
-
-// resolvedPath is path made absolute with its symbolic links resolved, as
-// far as it exists.
-func resolvedPath(path string) string {
-	abs, err := filepath.Abs(path)
+	_, exists, err := atomicfile.OutputDir(output)
 	if err != nil {
-		return path
+		return err
 	}
-	rest := "" // the trailing elements that do not exist
-	for p := abs; ; {
-		if r, err := filepath.EvalSymlinks(p); err == nil {
-			return filepath.Join(r, rest)
-		}
-		parent := filepath.Dir(p)
-		if parent == p {
-			return abs
-		}
-		rest = filepath.Join(filepath.Base(p), rest)
-		p = parent
-	}
-}
-
-// within reports whether path lies inside dir.
-func within(path, dir string) bool {
-	rel, err := filepath.Rel(dir, path)
-	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
-}
-
-// commitDir moves the finished temporary directory into place. An existing
-// output (force) is exchanged with it atomically where the platform can,
-// and otherwise moved aside first; it is removed only after.
-func commitDir(tmp, output string, force bool) error {
-	var old string
-	if _, err := os.Stat(output); err == nil {
-		if !force {
-			return fmt.Errorf("output %s appeared during the conversion; pass --force to replace it", output)
-		}
-		err := atomicfile.Exchange(tmp, output)
-		if err == nil {
-			// tmp now holds the previous output.
-			if err := os.RemoveAll(tmp); err != nil {
-				return fmt.Errorf("remove the replaced output, now %s: %w", tmp, err)
-			}
-			return nil
-		}
-		if !errors.Is(err, errors.ErrUnsupported) {
-			return fmt.Errorf("replace %s: %w", output, err)
-		}
-		old = tmp + ".old"
-		if err := os.Rename(output, old); err != nil {
-			return fmt.Errorf("replace %s: %w", output, err)
-		}
-	}
-	if err := os.Rename(tmp, output); err != nil {
-		if old != "" {
-			if rerr := os.Rename(old, output); rerr != nil {
-				return fmt.Errorf("move the result into %s: %w; the previous output is kept as %s (restoring it failed: %v)", output, err, old, rerr)
-			}
-		}
-		return fmt.Errorf("move the result into %s: %w", output, err)
-	}
-	if old != "" {
-		if err := os.RemoveAll(old); err != nil {
-			return fmt.Errorf("remove the replaced %s: %w", old, err)
-		}
+	if exists && !force {
+		return fmt.Errorf("output %s exists; pass --force to replace it", output)
 	}
 	return nil
+}
+
+// commitDir moves the finished temporary directory into place (see
+// atomicfile.CommitDir) and syncs its parent.
+func commitDir(tmp, output string, force bool) error {
+	err := atomicfile.CommitDir(tmp, output, force)
+	if errors.Is(err, atomicfile.ErrOutputExists) {
+		return fmt.Errorf("output %s appeared during the conversion; pass --force to replace it", output)
+	}
+	return err
 }
 
 // stream converts layers in order for a writer that asks for them in

@@ -298,19 +298,11 @@ func (c *Config) validate() error {
 }
 
 // outsideModel refuses a results directory that is the model directory
-// or lies inside it, as convert refuses such an output: the model is only
-// read, and results beside its weights would be mistaken for part of it.
+// or lies inside it, also through symbolic links, as convert refuses such
+// an output: the model is only read, and results beside its weights would
+// be mistaken for part of it.
 func outsideModel(model, dir string) error {
-	m, err := filepath.Abs(model)
-	if err != nil {
-		return fmt.Errorf("sweep: model %s: %w", model, err)
-	}
-	d, err := filepath.Abs(dir)
-	if err != nil {
-		return fmt.Errorf("sweep: output %s: %w", dir, err)
-	}
-	rel, err := filepath.Rel(m, d)
-	if err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+	if atomicfile.Inside(dir, model) {
 		return fmt.Errorf("sweep: output %s is or lies inside the model %s, which a sweep never writes to; choose another directory", dir, model)
 	}
 	return nil
@@ -409,6 +401,10 @@ func load(c *Config, setup Setup) (*state, error) {
 	}
 	keys := c.keys()
 	for _, name := range names {
+		// Reading a named pipe would wait for a writer forever.
+		if fi, err := os.Stat(name); err == nil && !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("%s is not a regular file; remove it, or choose another output directory", name)
+		}
 		data, err := os.ReadFile(name)
 		if err != nil {
 			return nil, err
@@ -480,9 +476,12 @@ func Run(ctx context.Context, c Config) (*Results, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, statErr := os.Stat(c.Dir)
-	createdDir := errors.Is(statErr, fs.ErrNotExist)
-	points := filepath.Join(c.Dir, "points")
+	// A link at Dir is kept: its target is the results directory.
+	target, exists, err := atomicfile.OutputDir(c.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("sweep: %w", err)
+	}
+	points := filepath.Join(target, "points")
 	if err := os.MkdirAll(points, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", c.Dir, err)
 	}
@@ -491,8 +490,8 @@ func Run(ctx context.Context, c Config) (*Results, error) {
 		// A sweep that failed before finishing anything leaves no empty
 		// directories behind; os.Remove keeps any that hold a file.
 		os.Remove(points)
-		if createdDir {
-			os.Remove(c.Dir)
+		if !exists {
+			os.Remove(target)
 		}
 		return nil, err
 	}

@@ -364,11 +364,17 @@ func TestSweepRefusesOutputInsideModel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	link := filepath.Join(t.TempDir(), "model-link")
+	if err := os.Symlink(c.Model, link); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct{ name, dir string }{
 		{"the model", c.Model},
 		{"a child", filepath.Join(c.Model, "sweep")},
 		{"a grandchild", filepath.Join(c.Model, "a", "b")},
 		{"the model, spelt with a dot", c.Model + string(filepath.Separator) + "."},
+		{"a symbolic link to the model", link},
+		{"a child of a link to the model", filepath.Join(link, "sweep")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bad := c

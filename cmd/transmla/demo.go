@@ -76,9 +76,12 @@ evaluates both on a built-in text and prints perplexity and KV cache before and 
 			if ids := len(demoTok.Encode(demoText, true)); ctx < 2 || ctx > ids {
 				return usagef("--ctx must be in [2, %d], the built-in text's token count; got %d", ids, ctx)
 			}
+			// Both checked before either is written.
 			mlaDir := filepath.Clean(dir) + "-mla"
-			if _, err := os.Stat(mlaDir); err == nil && !force {
-				return usagef("output %s exists; use --force to replace it", mlaDir)
+			for _, d := range []string{dir, mlaDir} {
+				if err := checkOutputDir(d, force); err != nil {
+					return err
+				}
 			}
 			if err := writeSynthetic(c.Context, dir, model.DefaultSynthetic(), force); err != nil {
 				return err

@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/transmla/transmla/internal/atomicfile"
 	"github.com/transmla/transmla/model"
 	"github.com/transmla/transmla/safetensors"
 	"github.com/transmla/transmla/tokenizer"
@@ -94,15 +96,15 @@ and the embeddings 2.1 GB. Size flags given explicitly override the preset.`,
 func syntheticTokenizer() ([]byte, error) { return tokenizer.ByteLevelJSON("<|endoftext|>") }
 
 // writeSynthetic builds the checkpoint in a temporary sibling directory and
-// renames it into place, so dir is either absent, the old one, or complete.
+// renames it into place, so dir is either absent, the old one, or complete
+// (see atomicfile.CommitDir, also for a dir that is a symbolic link).
 func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, force bool) error {
-	if _, err := os.Stat(dir); err == nil && !force {
-		return usagef("output %s exists; use --force to replace it", dir)
+	if err := checkOutputDir(dir, force); err != nil {
+		return err
 	}
-	parent := filepath.Dir(filepath.Clean(dir))
-	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".tmp*")
+	tmp, err := atomicfile.TempDir(dir)
 	if err != nil {
-		return fmt.Errorf("create output: %w", err)
+		return err
 	}
 	defer os.RemoveAll(tmp) // no-op once renamed
 	if err := model.WriteSynthetic(ctx, tmp, spec); err != nil {
@@ -112,19 +114,32 @@ func writeSynthetic(ctx context.Context, dir string, spec model.SyntheticSpec, f
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(tmp, "tokenizer.json"), tokJSON, 0o644); err != nil {
-		return fmt.Errorf("write tokenizer.json: %w", err)
-	}
-	if force {
-		if err := os.RemoveAll(dir); err != nil {
-			return fmt.Errorf("replace %s: %w", dir, err)
-		}
+	if err := atomicfile.WriteFile(filepath.Join(tmp, "tokenizer.json"), tokJSON, 0o644); err != nil {
+		return err
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return fmt.Errorf("create output: %w", err)
 	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return fmt.Errorf("move output into place: %w", err)
+	if err := atomicfile.SyncDir(tmp); err != nil {
+		return err
+	}
+	if err := atomicfile.CommitDir(tmp, dir, force); errors.Is(err, atomicfile.ErrOutputExists) {
+		return usagef("output %s appeared meanwhile; pass --force to replace it", dir)
+	} else if err != nil {
+		return err
+	}
+	return nil
+}
+
+// checkOutputDir refuses an output directory that exists without force
+// (a usage error) or is not a directory (a failed run).
+func checkOutputDir(dir string, force bool) error {
+	_, exists, err := atomicfile.OutputDir(dir)
+	if err != nil {
+		return err
+	}
+	if exists && !force {
+		return usagef("output %s exists; pass --force to replace it", dir)
 	}
 	return nil
 }

@@ -16,8 +16,10 @@ func tokenizeCommand() *cli.Command {
 		Usage:     "count (and optionally write) the tokens of a text file with a model's tokenizer",
 		ArgsUsage: "MODEL",
 		Description: `Encodes --data exactly as eval does (special tokens only where the
-tokenizer's post-processor adds them). --ids-out writes the ids as a JSON array,
-e.g. for scripts/torch_eval.py.`,
+tokenizer's post-processor adds them). --ids-out writes the ids as a JSON array
+on one line, e.g. for scripts/torch_eval.py: a regular file is replaced atomically
+(through a symbolic link, whose target is replaced); a device or named pipe, such
+as /dev/stdout, is written to as it is.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "data", Usage: "text file to encode (required)"},
 			&cli.StringFlag{Name: "ids-out", Usage: "write the token ids to this file as a JSON array"},
@@ -50,7 +52,9 @@ e.g. for scripts/torch_eval.py.`,
 				if err != nil {
 					return err
 				}
-				if err := atomicfile.WriteFile(out, data, 0o644); err != nil {
+				// A final newline keeps the line that follows on a
+				// shared stream (--ids-out /dev/stdout) apart.
+				if err := atomicfile.WriteFile(out, append(data, '\n'), 0o644); err != nil {
 					return err
 				}
 			}
