@@ -52,8 +52,9 @@ type Options struct {
 	// RopeMethod is one of rope.Methods().
 	RopeMethod string
 	// RopeStride places the RoPE slots at every RopeStride-th source
-	// frequency from the fastest (rope.Options.Stride); 0 spreads them
-	// over all, head_dim/rope_dim apart.
+	// frequency from the fastest, or several per frequency for 1/2 and 1/4
+	// (rope.Options.Stride); 0 spreads them over all, head_dim/rope_dim
+	// apart. The export's rope_theta follows (rope.SlotTheta).
 	RopeStride float64
 	// FreqFold is RoRoPE's band of frequencies rotated together; 0 is the
 	// smallest (the stride).

@@ -103,17 +103,19 @@ func Rankings() []string { return []string{RankKey, RankScore} }
 type Options struct {
 	// Method is one of Methods(); "" means MethodRoRoPE.
 	Method string
-	// RopeDim is d_r: even, at most HeadDim.
+	// RopeDim is d_r: even; above HeadDim only with a Stride below 1.
 	RopeDim int
-	// Stride places the RoPE slots: slot i rotates at source frequency
-	// i·Stride (frequencies ordered fastest first). 0 means
-	// HeadDim/RopeDim, which spreads the slots over all source
-	// frequencies; 1 gives them the RopeDim/2 fastest. See SlotTheta for
-	// the rope_theta that makes loaders compute these frequencies.
+	// Stride places the RoPE slots: slot i rotates at the frequency a
+	// source RoPE gives index i·Stride (frequencies ordered fastest first;
+	// a fractional index falls between two). 0 means HeadDim/RopeDim,
+	// which spreads the slots over all source frequencies; 1 gives them
+	// the RopeDim/2 fastest; 1/2 or 1/4 gives each of the fastest two or
+	// four (at most one per KV head). See SlotTheta for the rope_theta
+	// that makes loaders compute these frequencies.
 	Stride float64
 	// FreqFold is the number of adjacent frequencies whose components are
 	// rotated together (RoRoPE only): a multiple of Stride dividing
-	// HeadDim/2; 0 means Stride.
+	// HeadDim/2; 0 means the smallest, max(1, Stride).
 	FreqFold int
 	// Rank is one of Rankings() (RoRoPE only); "" means RankKey.
 	Rank string
@@ -163,9 +165,9 @@ func (o Options) stride(d int) float64 {
 }
 
 // CheckSlots reports whether RoPE slots of ropeDim dims at stride (0 = the
-// default) fit a head of d dims: ropeDim even and at most d, dividing d
-// for the default stride, and the last slot's source frequency,
-// (ropeDim/2 − 1)·stride, one of the d/2.
+// default) fit a head of d dims: ropeDim even, dividing d for the default
+// stride, and the last slot's source index, (ropeDim/2 − 1)·stride,
+// within the d/2 frequencies.
 func CheckSlots(d, ropeDim int, stride float64) error {
 	if ropeDim <= 0 || ropeDim%2 != 0 {
 		return fmt.Errorf("rope dim %d must be even and positive", ropeDim)
@@ -254,6 +256,8 @@ func Decouple(source Params, kvHeads int, opts Options, m Moments) (*Decoupling,
 			return nil, fmt.Errorf("freqfold applies to %s only, not %s", MethodRoRoPE, method)
 		case opts.Rank != "" && opts.Rank != RankKey:
 			return nil, fmt.Errorf("rope ranking %s applies to %s only, not %s", opts.Rank, MethodRoRoPE, method)
+		case s < 1 || s != math.Trunc(s):
+			return nil, fmt.Errorf("%s keeps one (head, frequency) pair per slot: its rope stride must be a whole number, not %v", method, s)
 		}
 		if err := b.partial(method); err != nil {
 			return nil, err
