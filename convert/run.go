@@ -95,9 +95,12 @@ type Summary struct {
 	// Format is the export format, DType the stored dtype.
 	Format string `json:"format"`
 	DType  string `json:"dtype"`
-	// Rank and RopeDim are kv_lora_rank and qk_rope_head_dim.
-	Rank    int `json:"kv_lora_rank"`
-	RopeDim int `json:"qk_rope_head_dim"`
+	// Rank and RopeDim are kv_lora_rank and qk_rope_head_dim as stored,
+	// LatentRank the latent dims that carry information: Rank less the
+	// zero padding.
+	Rank       int `json:"kv_lora_rank"`
+	RopeDim    int `json:"qk_rope_head_dim"`
+	LatentRank int `json:"latent_rank"`
 	// Method describes the options in one line (also in the metadata).
 	Method string `json:"method"`
 	// CalibrationSHA256 identifies the calibration text ("" when data-free)
@@ -117,6 +120,8 @@ type Summary struct {
 	Copied []string `json:"copied_files"`
 	// Notes are approximations the user should know of.
 	Notes []string `json:"notes,omitempty"`
+	// Targets says which engines load the output, and their KV cache.
+	Targets []TargetStatus `json:"targets"`
 	// Layers reports each layer.
 	Layers []LayerReport `json:"layers"`
 }
@@ -180,7 +185,8 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	// Runs before the reader is closed: no conversion outlives Run.
 	defer st.stop()
 	sum := &Summary{Source: job.Source, Output: job.Output, Format: opts.Format, DType: dtypeName(dt),
-		Rank: dst.MLA.KVLoraRank, RopeDim: dst.MLA.QKRopeHeadDim, Method: opts.Method(job.Calibration != nil),
+		Rank: dst.MLA.KVLoraRank + dst.MLA.LatentPad, LatentRank: dst.MLA.KVLoraRank, RopeDim: dst.MLA.QKRopeHeadDim,
+		Method: opts.Method(job.Calibration != nil), Targets: Compatibility(dst),
 		CacheValuesBefore: src.KVCacheValuesPerToken(), CacheValuesAfter: dst.KVCacheValuesPerToken(),
 		CacheBytesBefore: src.KVCacheBytesPerToken(dt), CacheBytesAfter: dst.KVCacheBytesPerToken(dt)}
 	sum.Reduction = 1 - float64(sum.CacheValuesAfter)/float64(sum.CacheValuesBefore)
@@ -190,6 +196,10 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 			how = "dropped (no calibration data to fold them with)"
 		}
 		sum.Notes = append(sum.Notes, "the source's q/k/v biases have no place in the stock layout: "+how+"; the exact format keeps them")
+	}
+	if p := dst.MLA.LatentPad; p > 0 {
+		sum.Notes = append(sum.Notes, fmt.Sprintf("the latent of %d dims is stored padded with %d zero dims to kv_lora_rank %d: engines cache the padding (%d values per token and layer), transmla eval strips it (%d)",
+			sum.LatentRank, p, sum.Rank, sum.Rank+sum.RopeDim, sum.LatentRank+sum.RopeDim))
 	}
 	if pb := job.prebuilt; pb != nil {
 		sum.CalibrationSHA256, sum.CalibrationTokens = pb.calibrationSHA256, pb.calibrationTokens
@@ -320,7 +330,7 @@ func openSource(source, dtype string) (*model.Reader, safetensors.DType, error) 
 // dt and fills in the default format.
 func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options, error) {
 	if opts.Format == "" {
-		opts.Format = FormatExact
+		opts.Format = DefaultFormat
 	}
 	if err := opts.Validate(src); err != nil {
 		return opts, err

@@ -33,6 +33,11 @@ type MLAConfig struct {
 	// RopeInterleave says the RoPE rows are stored as interleaved pairs
 	// (2i, 2i+1), DeepSeek-V3's default; otherwise as rotate-half halves.
 	RopeInterleave bool
+	// LatentPad is how many zero latent dims the checkpoint stores beyond
+	// KVLoraRank, the dims that carry information: config.json's
+	// kv_lora_rank is KVLoraRank + LatentPad and transmla.latent_rank is
+	// KVLoraRank (see pad.go). In memory the latent is never padded.
+	LatentPad int
 	// RopeInvFreq, when not nil, replaces the standard frequencies of
 	// Config.Rope for the d_r/2 RoPE pairs. Only in-memory models built by
 	// the converter's exactness anchor use it; no file format carries it.
@@ -79,6 +84,9 @@ type transMLAMeta struct {
 	QBias   *bool `json:"q_bias"`
 	KVABias *bool `json:"kv_a_bias"`
 	OBias   *bool `json:"o_bias"`
+	// LatentRank, when below kv_lora_rank, says the latent dims beyond it
+	// are zero padding (MLAConfig.LatentPad).
+	LatentRank *int `json:"latent_rank"`
 }
 
 // deepseekV3 is DeepseekV3ForCausalLM restricted to what conversions
@@ -165,6 +173,12 @@ func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 		if meta.OBias != nil {
 			c.OBias = *meta.OBias
 		}
+		if lr := meta.LatentRank; lr != nil {
+			if *lr <= 0 || *lr > m.KVLoraRank {
+				return fmt.Errorf("transmla.latent_rank %d must be in [1, kv_lora_rank %d]", *lr, m.KVLoraRank)
+			}
+			m.LatentPad, m.KVLoraRank = m.KVLoraRank-*lr, *lr
+		}
 	}
 	c.QKVBias, c.MLPBias, c.SlidingWindow = false, false, 0
 	c.MLA = m
@@ -174,8 +188,8 @@ func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 // validateMLA checks the MLA sizes against each other and the head layout.
 func (c Config) validateMLA() error {
 	m := c.MLA
-	if m.KVLoraRank <= 0 || m.VHeadDim <= 0 || m.QKNopeHeadDim < 0 {
-		return fmt.Errorf("kv_lora_rank %d and v_head_dim %d must be positive and qk_nope_head_dim %d not negative", m.KVLoraRank, m.VHeadDim, m.QKNopeHeadDim)
+	if m.KVLoraRank <= 0 || m.VHeadDim <= 0 || m.QKNopeHeadDim < 0 || m.LatentPad < 0 {
+		return fmt.Errorf("kv_lora_rank %d and v_head_dim %d must be positive and qk_nope_head_dim %d and the latent padding %d not negative", m.KVLoraRank, m.VHeadDim, m.QKNopeHeadDim, m.LatentPad)
 	}
 	if m.QKRopeHeadDim <= 0 || m.QKRopeHeadDim%2 != 0 {
 		return fmt.Errorf("qk_rope_head_dim %d must be positive and even", m.QKRopeHeadDim)
@@ -247,7 +261,7 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		"num_hidden_layers":       c.NumLayers,
 		"num_attention_heads":     c.NumHeads,
 		"num_key_value_heads":     c.NumHeads,
-		"kv_lora_rank":            m.KVLoraRank,
+		"kv_lora_rank":            m.storedLatent(),
 		"q_lora_rank":             nil,
 		"qk_rope_head_dim":        m.QKRopeHeadDim,
 		"qk_nope_head_dim":        m.QKNopeHeadDim,
@@ -303,6 +317,12 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 			return nil, fmt.Errorf("deepseek-v3 config: extra transmla.%s = %v contradicts the model config (%v)", f.key, old, f.v)
 		}
 		meta[f.key] = f.v
+	}
+	if m.LatentPad > 0 {
+		if old, ok := meta["latent_rank"]; ok && old != m.KVLoraRank {
+			return nil, fmt.Errorf("deepseek-v3 config: extra transmla.latent_rank = %v contradicts the model config (%d)", old, m.KVLoraRank)
+		}
+		meta["latent_rank"] = m.KVLoraRank
 	}
 	out["transmla"] = meta
 	b, err := json.MarshalIndent(out, "", "  ")
