@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import torch
 import transformers
@@ -62,16 +63,18 @@ def ppl(args):
     windows = len(ids) // args.ctx
     if args.max_windows:
         windows = min(windows, args.max_windows)
-    total, count = 0.0, 0
+    total, count, start = 0.0, 0, time.perf_counter()
     for w in range(windows):
         x = torch.tensor([ids[w * args.ctx:(w + 1) * args.ctx]])
         logits = model(x, use_cache=False).logits[0].float()
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
         total -= logp.gather(1, x[0, 1:, None]).sum().item()
         count += args.ctx - 1
-    mean = total / count
+    mean, seconds = total / count, time.perf_counter() - start
     return {"ppl": math.exp(mean), "mean_nll": mean, "tokens_scored": count, "windows": windows,
-            "tokens_in_file": len(ids), "ctx": args.ctx, "dtype": args.dtype,
+            "tokens_in_file": len(ids), "ctx": args.ctx, "dtype": args.dtype, "seconds": seconds,
+            "tokens_per_second": windows * args.ctx / seconds, "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "architecture": type(model).__name__, "transformers": transformers.__version__}
 
 
