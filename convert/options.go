@@ -263,6 +263,11 @@ func TargetConfig(src model.Config, o Options) model.Config {
 		// whatever the config says, vLLM and SGLang with rms_norm_eps: the
 		// latent shrink needs one value, and the other norms barely notice.
 		dst.RMSNormEps = stockNormEps
+		// vLLM's DeepseekV2ForCausalLM never ties lm_head to the
+		// embeddings: a tied checkpoint, which has no lm_head.weight, gets
+		// a zero head there (uniform logits, ppl = vocabulary size). The
+		// stock export stores the head.
+		dst.TieWordEmbeddings = false
 	}
 	rank := min(o.Rank, LosslessRank(src, dr))
 	pad := o.PadLatent

@@ -667,8 +667,14 @@ func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 		}
 	}
 	out = append(out, s.kept("model.norm.weight", []int{D}, dt))
-	if !s.src.TieWordEmbeddings {
-		out = append(out, s.kept("lm_head.weight", []int{s.src.VocabSize, D}, dt))
+	if !s.dst.TieWordEmbeddings {
+		head := s.kept("lm_head.weight", []int{s.src.VocabSize, D}, dt)
+		if s.src.TieWordEmbeddings {
+			// An untied export of a tied source stores the embedding twice.
+			head = s.kept("model.embed_tokens.weight", []int{s.src.VocabSize, D}, dt)
+			head.Name = "lm_head.weight"
+		}
+		out = append(out, head)
 	}
 	if wrap := s.job.wrapWriter; wrap != nil {
 		for i := range out {
