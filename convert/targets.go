@@ -51,6 +51,10 @@ func Targets() []Target {
 			Name: "transformers", Engine: "transformers 5.19 DeepseekV3ForCausalLM",
 			RopeScalings: []string{"", "linear", "llama3"}, Verified: "run",
 		},
+		// vLLM's DeepSeek model computes plain RoPE right only because the
+		// export declares it as an identity YaRN (model.DeepSeekV3Config):
+		// with rope_type default its CPU rotary kernel rotates the wrong
+		// rows (README, "Measured in the engines").
 		{
 			// v1/attention/backends/mla/cpu_mla.py: head size 576 only, the
 			// decode kernel's value width is kv_lora_rank = 512.

@@ -213,9 +213,10 @@ func (c Config) Validate() error { return c.validate() }
 // DeepSeekV3Config returns the config.json (indented, keys sorted, newline
 // at the end) of the MLA config c in the layout of transformers'
 // DeepseekV3ForCausalLM: top-level rope_theta and rope_scaling
-// (transformers 4), head_dim = qk_rope_head_dim (what its RoPE init reads),
-// and every layer dense: first_k_dense_replace = num_hidden_layers with one
-// nominal expert so that loaders that size routers still accept it. Every
+// (transformers 4; plain RoPE as an identity YaRN, see exportScaling),
+// head_dim = qk_rope_head_dim (what its RoPE init reads), and every layer
+// dense: first_k_dense_replace = num_hidden_layers with one nominal expert
+// so that loaders that size routers still accept it. Every
 // key of extra is added at the top level; extra may override torch_dtype
 // (default "bfloat16"), and its "transmla" object, if any, is merged with
 // the kv_a_layernorm, q_bias, kv_a_bias and o_bias flags that c implies, so
@@ -277,7 +278,7 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		"max_position_embeddings": c.MaxPositionEmbeddings,
 		"rms_norm_eps":            c.RMSNormEps,
 		"rope_theta":              c.Rope.Theta,
-		"rope_scaling":            scalingJSON(c.Rope.Scaling),
+		"rope_scaling":            scalingJSON(exportScaling(c.Rope.Scaling, c.MaxPositionEmbeddings)),
 		"rope_interleave":         m.RopeInterleave,
 		// Transformers reads attention_bias for kv_a_proj_with_mqa and o_proj.
 		"attention_bias":      m.KVABias && c.OBias,
@@ -330,6 +331,25 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		return nil, fmt.Errorf("deepseek-v3 config: %w", err)
 	}
 	return append(b, '\n'), nil
+}
+
+// exportScaling is the rope_scaling that a DeepSeek-V3 config.json declares
+// for s: s itself, or for plain RoPE a YaRN of factor 1 over the whole
+// context, which every loader computes as plain RoPE (frequencies divided
+// by 1, attention factor and mscale 1; ParseConfig reads it back as no
+// scaling). The reason is vLLM 0.32 on the CPU: its DeepSeek model rotates
+// q_pe and k_pe, per-head slices of q and of kv_a_proj_with_mqa's output,
+// and for rope_type default it does so through the CPU rotary_embedding
+// kernel, which takes the last dimension for all heads and the
+// second-to-last stride for the token stride, so it rotates the wrong rows
+// at the wrong positions (README, "Measured in the engines"). Any other
+// rope_type sends vLLM's DeepSeek model through its YaRN rotary class,
+// whose CPU forward is plain PyTorch and right.
+func exportScaling(s rope.Scaling, maxPos int) rope.Scaling {
+	if s.Type != "" && s.Type != "default" {
+		return s
+	}
+	return rope.Scaling{Type: "yarn", Factor: 1, OriginalMaxPositionEmbeddings: maxPos}
 }
 
 // scalingJSON writes s as a transformers-4 rope_scaling object (nil for

@@ -182,6 +182,17 @@ func TestDeepSeekV3ConfigRoundTrip(t *testing.T) {
 					t.Errorf("%s = %v, want %v", k, raw[k], want)
 				}
 			}
+			wantScaling := map[string]any{"rope_type": tc.cfg.Rope.Scaling.Type, "factor": tc.cfg.Rope.Scaling.Factor}
+			if tc.cfg.Rope.Scaling.Type == "" {
+				// Plain RoPE is declared as an identity YaRN (exportScaling).
+				wantScaling = map[string]any{"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512.0}
+			}
+			sc, _ := raw["rope_scaling"].(map[string]any)
+			for k, want := range wantScaling {
+				if !reflect.DeepEqual(sc[k], want) {
+					t.Errorf("rope_scaling.%s = %v, want %v", k, sc[k], want)
+				}
+			}
 			for k, v := range tc.extra {
 				if k == "transmla" {
 					for mk, mv := range v.(map[string]any) {

@@ -102,7 +102,10 @@ def main():
                     out = json.loads(line[len("VLLM_CHECK_JSON "):])
                     out["backends"] = backends
                     return out
-            err = [l for l in log if "Error" in l]
+            # The root cause, not the EngineDeadError that reports it: the
+            # last error line of the worker or engine, without its log prefix.
+            err = [l.split("] ", 1)[-1] if l.startswith("(") else l for l in log
+                   if "Error" in l and "EngineDeadError" not in l and "Traceback" not in l and "File " not in l]
             return {"failed": (err[-1] if err else "\n".join(log[-3:])).strip(), "backends": backends}
         v = cached(os.path.join(a.work, key + ".vllm.json"), vl)
 
@@ -114,7 +117,9 @@ def main():
             vcol = f"{v['ppl']:.4f}"
             vrel = f"{abs(ours16['ppl'] - v['ppl']) / v['ppl']:.1e}"
             g2 = "/".join(str(agree(o, r["ids"])) for o, r in zip(og["bf16"], v["runs"]))
-            backend = ", ".join(v.get("backends", []))
+            # vLLM logs its choice of MLA backends only; the CPU platform
+            # takes CPU_ATTN for everything else (platforms/cpu.py).
+            backend = ", ".join(v.get("backends", [])) or "CPU_ATTN"
         print(f"| {name} | {ours['ppl']:.4f} | {hf['ppl']:.4f} | {rel:.1e} | {ours16['ppl']:.4f} | {vcol} | {vrel} | {'/'.join(map(str, g1))} | {g2} | {backend} |", flush=True)
 
 

@@ -14,6 +14,8 @@ Loads MODEL in vllm.LLM on the CPU (bf16, eager), then:
     with the top-2 log-probability gap of every step;
   - with --ids, the prompt log-probabilities of that id sequence
     (models without a tokenizer).
+--native-rope disables vLLM's rotary_embedding custom op (its CPU kernel)
+so that RoPE runs as PyTorch code (vllm_rope_repro.py).
 VLLM_MLA_DISABLE=1 in the environment runs MLA checkpoints through
 ordinary attention. The attention backend vLLM picked is reported.
 """
@@ -33,6 +35,7 @@ def main():
     ap.add_argument("--prompt", action="append", default=[])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ids")
+    ap.add_argument("--native-rope", action="store_true")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -40,10 +43,19 @@ def main():
 
     t0 = time.time()
     has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer.json"))
+    extra = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}} if args.native_rope else {}
+    # generate() must be allowed one token beyond the window. Where the
+    # window fills max_position_embeddings (stories260K at ctx 512), vLLM
+    # needs its override for that; no forward pass runs at that position,
+    # since the one sampled token comes from the window's last logits.
+    with open(os.path.join(args.model, "config.json")) as f:
+        max_pos = json.load(f).get("max_position_embeddings")
+    if max_pos is not None and args.ctx + 1 > max_pos:
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.ctx + 1,
-              max_num_seqs=1, gpu_memory_utilization=0.15, skip_tokenizer_init=not has_tokenizer, seed=0)
+              max_num_seqs=1, gpu_memory_utilization=0.15, skip_tokenizer_init=not has_tokenizer, seed=0, **extra)
     out = {"model": args.model, "load_seconds": time.time() - t0,
-           "mla_disabled": os.environ.get("VLLM_MLA_DISABLE", "0") == "1"}
+           "mla_disabled": os.environ.get("VLLM_MLA_DISABLE", "0") == "1", "native_rope": args.native_rope}
     try:
         import vllm
         out["vllm"] = vllm.__version__
