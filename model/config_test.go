@@ -57,7 +57,12 @@ func TestParseConfig(t *testing.T) {
 				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
 			}
 		}},
-		{"identity linear and llama3 (factor 1) are no scaling", `{` + llamaBase + `, "rope_parameters": {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 10000.0}}`, func(t *testing.T, c Config) {
+		{"identity linear (factor 1) is no scaling", `{` + llamaBase + `, "rope_scaling": {"type": "linear", "factor": 1.0}}`, func(t *testing.T, c Config) {
+			if c.Rope.Scaling != (rope.Scaling{}) {
+				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
+			}
+		}},
+		{"identity llama3 (factor 1) is no scaling", `{` + llamaBase + `, "rope_parameters": {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 10000.0}}`, func(t *testing.T, c Config) {
 			if c.Rope.Scaling != (rope.Scaling{}) {
 				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
 			}

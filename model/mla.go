@@ -340,9 +340,9 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 // scaling). The reason is vLLM 0.32 on the CPU: its DeepSeek model rotates
 // q_pe and k_pe, per-head slices of q and of kv_a_proj_with_mqa's output,
 // and for rope_type default it does so through the CPU rotary_embedding
-// kernel, which takes the last dimension for all heads and the
-// second-to-last stride for the token stride, so it rotates the wrong rows
-// at the wrong positions (README, "Measured in the engines"). Any other
+// kernel, which reads such a [tokens, heads, d_r] slice as one head per
+// token spaced by the head stride, so it rotates the wrong rows at the
+// wrong positions (README, "Measured in the engines"). Any other
 // rope_type sends vLLM's DeepSeek model through its YaRN rotary class,
 // whose CPU forward is plain PyTorch and right.
 func exportScaling(s rope.Scaling, maxPos int) rope.Scaling {
