@@ -94,7 +94,7 @@ func TestRunPassesKeptTensorsOn(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out := filepath.Join(t.TempDir(), "mla")
-			job := Job{Source: src, Output: out, DType: tc.dtype, Options: Options{RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightAttention, Rank: 24}}
+			job := Job{Source: src, Output: out, DType: tc.dtype, Options: Options{RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightAttention, Rank: 24, Format: FormatExact}}
 			if tc.calib {
 				job.Calibration = &Calibration{File: calibText(t), Tokens: 256, SeqLen: 64, Seed: 1}
 			}

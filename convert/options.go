@@ -25,6 +25,9 @@ const (
 	FormatStock = "deepseek-v3-stock"
 )
 
+// DefaultFormat is convert's format: the one engines load.
+const DefaultFormat = FormatStock
+
 // Formats lists the output formats.
 func Formats() []string { return []string{FormatExact, FormatStock} }
 
@@ -73,8 +76,17 @@ type Options struct {
 	// ValueWeight tilts the attention weighting towards values (>1) or
 	// keys (<1); the zero value means 1.
 	ValueWeight float64
-	// Format is one of Formats(); "" means FormatExact.
+	// Format is one of Formats(); "" means DefaultFormat.
 	Format string
+	// Target is one of TargetNames(); "" means TargetAny. A target other
+	// than any makes Validate refuse what that engine cannot compute and,
+	// unless PadLatent is set, pads the latent to its smallest accepted
+	// width (Target.PadTo).
+	Target string
+	// PadLatent, when positive, is the kv_lora_rank stored: the latent's
+	// dims padded with zeros up to it (model.MLAConfig.LatentPad), which
+	// engines cache and this project's eval does not.
+	PadLatent int
 	// ExactRoPE keeps RoPE on every key dim at its own frequency (the
 	// exactness anchor); such a model is evaluated in memory only.
 	ExactRoPE bool
@@ -101,12 +113,12 @@ func DefaultRopeDim(headDim int) int {
 
 // DefaultOptions are convert's defaults for a source with cfg at latent
 // width rank: RoRoPE with FreqFold auto, the measured nope span, the
-// attention-aware weighting, the exact format.
+// attention-aware weighting, the default (stock) format.
 func DefaultOptions(cfg model.Config, rank int) Options {
 	dr := DefaultRopeDim(cfg.HeadDim)
 	return Options{
 		Rank: rank, RopeDim: dr, RopeMethod: rope.MethodRoRoPE, FreqFold: AutoFreqFold(cfg, dr, 0),
-		NopeSpan: DefaultNopeSpan, Weighting: WeightAttention, ValueWeight: 1, Format: FormatExact,
+		NopeSpan: DefaultNopeSpan, Weighting: WeightAttention, ValueWeight: 1, Format: DefaultFormat,
 	}
 }
 
@@ -140,6 +152,18 @@ func (o Options) rank(calibrated bool) string {
 		return rope.RankScore
 	}
 	return rope.RankKey
+}
+
+// format is the output format: Format, or the exact-RoPE anchor's exact,
+// or DefaultFormat.
+func (o Options) format() string {
+	switch {
+	case o.Format != "":
+		return o.Format
+	case o.ExactRoPE:
+		return FormatExact
+	}
+	return DefaultFormat
 }
 
 func (o Options) valueWeight() float64 {
@@ -225,6 +249,35 @@ func (o Options) Validate(cfg model.Config) error {
 	if o.NopeSpan < 0 || math.IsNaN(o.NopeSpan) || math.IsInf(o.NopeSpan, 0) {
 		return fmt.Errorf("--nope-span %v must be zero or positive and finite", o.NopeSpan)
 	}
+	return o.validateTarget(cfg)
+}
+
+// validateTarget checks --pad-latent and --target against the converted
+// model's config.
+func (o Options) validateTarget(cfg model.Config) error {
+	if o.ExactRoPE {
+		if o.PadLatent != 0 || (o.Target != "" && o.Target != TargetAny) {
+			return fmt.Errorf("the exact-RoPE anchor has no engine target or padding")
+		}
+		return nil
+	}
+	rank := min(o.Rank, LosslessRank(cfg, o.RopeDim))
+	if o.PadLatent < 0 || (o.PadLatent > 0 && o.PadLatent < rank) {
+		return fmt.Errorf("--pad-latent %d must be at least the latent width %d", o.PadLatent, rank)
+	}
+	if o.Target == "" || o.Target == TargetAny {
+		return nil
+	}
+	t, ok := LookupTarget(o.Target)
+	if !ok {
+		return fmt.Errorf("--target %q is not one of %v", o.Target, TargetNames())
+	}
+	if _, ok := t.PadTo(rank, o.RopeDim); !ok && o.PadLatent == 0 {
+		return fmt.Errorf("--target %s (%s) takes no latent with --rope-dim %d: %s", t.Name, t.Engine, o.RopeDim, t.shapes())
+	}
+	if err := t.Check(TargetConfig(cfg, o)); err != nil {
+		return fmt.Errorf("--target %s (%s) cannot load this conversion: %w", t.Name, t.Engine, err)
+	}
 	return nil
 }
 
@@ -243,15 +296,26 @@ func TargetConfig(src model.Config, o Options) model.Config {
 	if o.ExactRoPE {
 		dr = src.NumKVHeads * src.HeadDim
 	}
-	stock := o.Format == FormatStock
+	stock := o.format() == FormatStock
 	if stock {
 		// transformers builds kv_a_layernorm with its default epsilon 1e-6
 		// whatever the config says, vLLM and SGLang with rms_norm_eps: the
 		// latent shrink needs one value, and the other norms barely notice.
 		dst.RMSNormEps = stockNormEps
+		// vLLM's DeepseekV2ForCausalLM never ties lm_head to the
+		// embeddings: a tied checkpoint, which has no lm_head.weight, gets
+		// a zero head there (uniform logits, ppl = vocabulary size). The
+		// stock export stores the head.
+		dst.TieWordEmbeddings = false
+	}
+	rank := min(o.Rank, LosslessRank(src, dr))
+	pad := o.PadLatent
+	if t, ok := LookupTarget(o.Target); ok && pad == 0 && !o.ExactRoPE {
+		pad, _ = t.PadTo(rank, dr)
 	}
 	dst.MLA = &model.MLAConfig{
-		KVLoraRank:     min(o.Rank, LosslessRank(src, dr)),
+		KVLoraRank:     rank,
+		LatentPad:      max(0, pad-rank),
 		QKRopeHeadDim:  dr,
 		QKNopeHeadDim:  src.HeadDim,
 		VHeadDim:       src.HeadDim,

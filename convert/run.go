@@ -98,9 +98,12 @@ type Summary struct {
 	// Format is the export format, DType the stored dtype.
 	Format string `json:"format"`
 	DType  string `json:"dtype"`
-	// Rank and RopeDim are kv_lora_rank and qk_rope_head_dim.
-	Rank    int `json:"kv_lora_rank"`
-	RopeDim int `json:"qk_rope_head_dim"`
+	// Rank and RopeDim are kv_lora_rank and qk_rope_head_dim as stored,
+	// LatentRank the latent dims that carry information: Rank less the
+	// zero padding.
+	Rank       int `json:"kv_lora_rank"`
+	RopeDim    int `json:"qk_rope_head_dim"`
+	LatentRank int `json:"latent_rank"`
 	// Method describes the options in one line (also in the metadata).
 	Method string `json:"method"`
 	// CalibrationSHA256 identifies the calibration text ("" when data-free)
@@ -120,6 +123,8 @@ type Summary struct {
 	Copied []string `json:"copied_files"`
 	// Notes are approximations the user should know of.
 	Notes []string `json:"notes,omitempty"`
+	// Targets says which engines load the output, and their KV cache.
+	Targets []TargetStatus `json:"targets"`
 	// Layers reports each layer.
 	Layers []LayerReport `json:"layers"`
 }
@@ -217,7 +222,8 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	// Runs before the reader is closed: no conversion outlives Run.
 	defer st.stop()
 	sum := &Summary{Source: job.Source, Output: job.Output, Format: opts.Format, DType: dtypeName(dt),
-		Rank: dst.MLA.KVLoraRank, RopeDim: dst.MLA.QKRopeHeadDim, Method: opts.Method(job.Calibration != nil),
+		Rank: dst.MLA.KVLoraRank + dst.MLA.LatentPad, LatentRank: dst.MLA.KVLoraRank, RopeDim: dst.MLA.QKRopeHeadDim,
+		Method: opts.Method(job.Calibration != nil), Targets: Compatibility(dst),
 		CacheValuesBefore: src.KVCacheValuesPerToken(), CacheValuesAfter: dst.KVCacheValuesPerToken(),
 		CacheBytesBefore: src.KVCacheBytesPerToken(dt), CacheBytesAfter: dst.KVCacheBytesPerToken(dt)}
 	sum.Reduction = 1 - float64(sum.CacheValuesAfter)/float64(sum.CacheValuesBefore)
@@ -230,6 +236,10 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	}
 	if n := oneHeadRoPENote(src, job.Options); n != "" {
 		sum.Notes = append(sum.Notes, n)
+	}
+	if p := dst.MLA.LatentPad; p > 0 {
+		sum.Notes = append(sum.Notes, fmt.Sprintf("the latent of %d dims is stored padded with %d zero dims to kv_lora_rank %d: engines cache the padding (%d values per token and layer), transmla eval strips it (%d)",
+			sum.LatentRank, p, sum.Rank, sum.Rank+sum.RopeDim, sum.LatentRank+sum.RopeDim))
 	}
 	if pb := job.prebuilt; pb != nil {
 		sum.CalibrationSHA256, sum.CalibrationTokens = pb.calibrationSHA256, pb.calibrationTokens
@@ -359,7 +369,7 @@ func openSource(source, dtype string) (*model.Reader, safetensors.DType, error) 
 // dt and fills in the default format.
 func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options, error) {
 	if opts.Format == "" {
-		opts.Format = FormatExact
+		opts.Format = DefaultFormat
 	}
 	if err := opts.Validate(src); err != nil {
 		return opts, err
@@ -657,8 +667,14 @@ func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 		}
 	}
 	out = append(out, s.kept("model.norm.weight", []int{D}, dt))
-	if !s.src.TieWordEmbeddings {
-		out = append(out, s.kept("lm_head.weight", []int{s.src.VocabSize, D}, dt))
+	if !s.dst.TieWordEmbeddings {
+		head := s.kept("lm_head.weight", []int{s.src.VocabSize, D}, dt)
+		if s.src.TieWordEmbeddings {
+			// An untied export of a tied source stores the embedding twice.
+			head = s.kept("model.embed_tokens.weight", []int{s.src.VocabSize, D}, dt)
+			head.Name = "lm_head.weight"
+		}
+		out = append(out, head)
 	}
 	if wrap := s.job.wrapWriter; wrap != nil {
 		for i := range out {

@@ -125,7 +125,7 @@ func TestRunTorchDTypeMatchesStoredDType(t *testing.T) {
 			}
 			out := filepath.Join(t.TempDir(), "mla")
 			job := Job{Source: src, Output: out, DType: tc.dtype,
-				Options: Options{RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightAttention, Rank: 40}}
+				Options: Options{RopeDim: 16, RopeMethod: rope.MethodRoRoPE, Weighting: WeightAttention, Rank: 40, Format: FormatExact}}
 			if _, err := Run(context.Background(), job); err != nil {
 				t.Fatal(err)
 			}

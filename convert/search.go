@@ -189,6 +189,11 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			if job.Accept != nil && !job.Accept(dc, o.RopeDim) {
 				continue
 			}
+			shaped := o
+			shaped.Rank = dc
+			if shaped.validateTarget(cfg) != nil {
+				continue // a shape Base.Target cannot load
+			}
 			i := slices.IndexFunc(settings, func(s Options) bool { return sameRoPE(s, o) })
 			if i < 0 {
 				i = len(settings)
@@ -198,6 +203,9 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			perBudget[bi] = append(perBudget[bi], shape{i, dc})
 		}
 		if len(perBudget[bi]) == 0 {
+			if t := job.Base.Target; t != "" && t != TargetAny {
+				return nil, fmt.Errorf("search: no conversion of a cache of %d values per token and layer is one that --target %s loads", n, t)
+			}
 			return nil, fmt.Errorf("search: no conversion fits a cache of %d values per token and layer (the latent needs at least %d, and the RoPE key at least 2)", n, minSearchRank)
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"math"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/transmla/transmla/eval"
@@ -136,5 +138,41 @@ func TestSearchPicksAndWritesTheBest(t *testing.T) {
 		if math.Abs(pr.PPL-best.PPL) > 1e-6*best.PPL {
 			t.Errorf("budget %d: the written checkpoint scores %v on the held-out tokens, the search %v", b.Cache, pr.PPL, best.PPL)
 		}
+	}
+}
+
+func TestSearchKeepsToTheTarget(t *testing.T) {
+	if testing.Short() {
+		t.Skip("converts and scores candidates (-short)")
+	}
+	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
+	job := SearchJob{
+		Source: src, Budgets: []int{96}, Base: DefaultOptions(model.Config{}, 0),
+		Calibration: &Calibration{File: calibText(t), Tokens: 512, SeqLen: 64, Seed: 1},
+		Windows:     2, Ctx: 64, Backend: kernels.NewNative(), Version: "test",
+	}
+	job.Base.RopeDim = 0
+	// vLLM's CPU ordinary-attention backend takes head sizes 32, 64, 80,
+	// ...: with head_dim 32 only d_r 32 (and 64) make qk_nope + d_r one.
+	job.Base.Target = "vllm-cpu-mha"
+	tgt, _ := LookupTarget(job.Base.Target)
+	res, err := Search(context.Background(), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cands := res.Budgets[0].Candidates
+	if len(cands) == 0 {
+		t.Fatal("no candidates")
+	}
+	for _, c := range cands {
+		if !slices.Contains(tgt.HeadDims, 32+c.RopeDim) {
+			t.Errorf("candidate %+v: head size %d is not one vllm-cpu-mha takes", c, 32+c.RopeDim)
+		}
+	}
+
+	// vllm-cpu takes d_r 64 only, more than a budget of 48 holds.
+	job.Budgets, job.Base.Target = []int{48}, "vllm-cpu"
+	if _, err := Search(context.Background(), job); err == nil || !strings.Contains(err.Error(), "--target vllm-cpu") {
+		t.Errorf("budget 48 for vllm-cpu: err %v, want one naming the target", err)
 	}
 }

@@ -327,8 +327,25 @@ func (r *rawConfig) ropeParams(headDim int) (rope.Params, error) {
 	if s.OriginalMaxPositionEmbeddings == 0 {
 		s.OriginalMaxPositionEmbeddings = r.MaxPositionEmbeddings
 	}
-	p.Scaling = s
+	if !identityScaling(s) {
+		p.Scaling = s
+	}
 	return p, nil
+}
+
+// identityScaling reports whether s rotates exactly as no scaling does: a
+// factor of 1 in linear, llama3 or yarn scaling (yarn's attention factor
+// unset or 1; its mscale terms are 1 at factor 1). DeepSeek-V3 exports
+// declare plain RoPE as such a YaRN (exportScaling), and reading it gives
+// plain RoPE back.
+func identityScaling(s rope.Scaling) bool {
+	switch s.Type {
+	case "linear", "llama3":
+		return s.Factor == 1
+	case "yarn":
+		return s.Factor == 1 && (s.AttentionFactor == 0 || s.AttentionFactor == 1)
+	}
+	return false
 }
 
 func parseScaling(m map[string]any) (rope.Scaling, error) {

@@ -3,6 +3,8 @@ package model
 import (
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/rope"
 )
 
 const llamaBase = `"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -48,6 +50,26 @@ func TestParseConfig(t *testing.T) {
 		{"yarn takes max_position_embeddings as original", `{` + llamaBase + `, "max_position_embeddings": 4096, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}`, func(t *testing.T, c Config) {
 			if c.Rope.Scaling.OriginalMaxPositionEmbeddings != 4096 {
 				t.Errorf("scaling %+v", c.Rope.Scaling)
+			}
+		}},
+		{"identity yarn (factor 1) is no scaling", `{` + llamaBase + `, "rope_scaling": {"rope_type": "yarn", "factor": 1, "original_max_position_embeddings": 4096}}`, func(t *testing.T, c Config) {
+			if c.Rope.Scaling != (rope.Scaling{}) {
+				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
+			}
+		}},
+		{"identity linear (factor 1) is no scaling", `{` + llamaBase + `, "rope_scaling": {"type": "linear", "factor": 1.0}}`, func(t *testing.T, c Config) {
+			if c.Rope.Scaling != (rope.Scaling{}) {
+				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
+			}
+		}},
+		{"identity llama3 (factor 1) is no scaling", `{` + llamaBase + `, "rope_parameters": {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 10000.0}}`, func(t *testing.T, c Config) {
+			if c.Rope.Scaling != (rope.Scaling{}) {
+				t.Errorf("scaling %+v, want none", c.Rope.Scaling)
+			}
+		}},
+		{"yarn of factor 1 with an attention factor scales", `{` + llamaBase + `, "max_position_embeddings": 4096, "rope_scaling": {"rope_type": "yarn", "factor": 1, "attention_factor": 0.5}}`, func(t *testing.T, c Config) {
+			if c.Rope.Scaling.Type != "yarn" || c.Rope.Scaling.AttentionFactor != 0.5 {
+				t.Errorf("scaling %+v, want the yarn kept", c.Rope.Scaling)
 			}
 		}},
 		{"tied, eps, eos list, attention_bias", `{` + llamaBase + `, "tie_word_embeddings": true, "rms_norm_eps": 1e-5, "eos_token_id": [1, 2], "bos_token_id": 1, "attention_bias": true}`, func(t *testing.T, c Config) {

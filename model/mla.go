@@ -33,6 +33,11 @@ type MLAConfig struct {
 	// RopeInterleave says the RoPE rows are stored as interleaved pairs
 	// (2i, 2i+1), DeepSeek-V3's default; otherwise as rotate-half halves.
 	RopeInterleave bool
+	// LatentPad is how many zero latent dims the checkpoint stores beyond
+	// KVLoraRank, the dims that carry information: config.json's
+	// kv_lora_rank is KVLoraRank + LatentPad and transmla.latent_rank is
+	// KVLoraRank (see pad.go). In memory the latent is never padded.
+	LatentPad int
 	// RopeInvFreq, when not nil, replaces the standard frequencies of
 	// Config.Rope for the d_r/2 RoPE pairs. Only in-memory models built by
 	// the converter's exactness anchor use it; no file format carries it.
@@ -79,6 +84,9 @@ type transMLAMeta struct {
 	QBias   *bool `json:"q_bias"`
 	KVABias *bool `json:"kv_a_bias"`
 	OBias   *bool `json:"o_bias"`
+	// LatentRank, when below kv_lora_rank, says the latent dims beyond it
+	// are zero padding (MLAConfig.LatentPad).
+	LatentRank *int `json:"latent_rank"`
 }
 
 // deepseekV3 is DeepseekV3ForCausalLM restricted to what conversions
@@ -165,6 +173,12 @@ func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 		if meta.OBias != nil {
 			c.OBias = *meta.OBias
 		}
+		if lr := meta.LatentRank; lr != nil {
+			if *lr <= 0 || *lr > m.KVLoraRank {
+				return fmt.Errorf("transmla.latent_rank %d must be in [1, kv_lora_rank %d]", *lr, m.KVLoraRank)
+			}
+			m.LatentPad, m.KVLoraRank = m.KVLoraRank-*lr, *lr
+		}
 	}
 	c.QKVBias, c.MLPBias, c.SlidingWindow = false, false, 0
 	c.MLA = m
@@ -174,8 +188,8 @@ func (deepseekV3) Normalize(c *Config, raw *rawConfig) error {
 // validateMLA checks the MLA sizes against each other and the head layout.
 func (c Config) validateMLA() error {
 	m := c.MLA
-	if m.KVLoraRank <= 0 || m.VHeadDim <= 0 || m.QKNopeHeadDim < 0 {
-		return fmt.Errorf("kv_lora_rank %d and v_head_dim %d must be positive and qk_nope_head_dim %d not negative", m.KVLoraRank, m.VHeadDim, m.QKNopeHeadDim)
+	if m.KVLoraRank <= 0 || m.VHeadDim <= 0 || m.QKNopeHeadDim < 0 || m.LatentPad < 0 {
+		return fmt.Errorf("kv_lora_rank %d and v_head_dim %d must be positive and qk_nope_head_dim %d and the latent padding %d not negative", m.KVLoraRank, m.VHeadDim, m.QKNopeHeadDim, m.LatentPad)
 	}
 	if m.QKRopeHeadDim <= 0 || m.QKRopeHeadDim%2 != 0 {
 		return fmt.Errorf("qk_rope_head_dim %d must be positive and even", m.QKRopeHeadDim)
@@ -199,9 +213,10 @@ func (c Config) Validate() error { return c.validate() }
 // DeepSeekV3Config returns the config.json (indented, keys sorted, newline
 // at the end) of the MLA config c in the layout of transformers'
 // DeepseekV3ForCausalLM: top-level rope_theta and rope_scaling
-// (transformers 4), head_dim = qk_rope_head_dim (what its RoPE init reads),
-// and every layer dense: first_k_dense_replace = num_hidden_layers with one
-// nominal expert so that loaders that size routers still accept it. Every
+// (transformers 4; plain RoPE as an identity YaRN, see exportScaling),
+// head_dim = qk_rope_head_dim (what its RoPE init reads), and every layer
+// dense: first_k_dense_replace = num_hidden_layers with one nominal expert
+// so that loaders that size routers still accept it. Every
 // key of extra is added at the top level; extra may override torch_dtype
 // (default "bfloat16"), and its "transmla" object, if any, is merged with
 // the kv_a_layernorm, q_bias, kv_a_bias and o_bias flags that c implies, so
@@ -247,7 +262,7 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		"num_hidden_layers":       c.NumLayers,
 		"num_attention_heads":     c.NumHeads,
 		"num_key_value_heads":     c.NumHeads,
-		"kv_lora_rank":            m.KVLoraRank,
+		"kv_lora_rank":            m.storedLatent(),
 		"q_lora_rank":             nil,
 		"qk_rope_head_dim":        m.QKRopeHeadDim,
 		"qk_nope_head_dim":        m.QKNopeHeadDim,
@@ -263,7 +278,7 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		"max_position_embeddings": c.MaxPositionEmbeddings,
 		"rms_norm_eps":            c.RMSNormEps,
 		"rope_theta":              c.Rope.Theta,
-		"rope_scaling":            scalingJSON(c.Rope.Scaling),
+		"rope_scaling":            scalingJSON(exportScaling(c.Rope.Scaling, c.MaxPositionEmbeddings)),
 		"rope_interleave":         m.RopeInterleave,
 		// Transformers reads attention_bias for kv_a_proj_with_mqa and o_proj.
 		"attention_bias":      m.KVABias && c.OBias,
@@ -304,12 +319,37 @@ func DeepSeekV3Config(c Config, extra map[string]any) ([]byte, error) {
 		}
 		meta[f.key] = f.v
 	}
+	if m.LatentPad > 0 {
+		if old, ok := meta["latent_rank"]; ok && old != m.KVLoraRank {
+			return nil, fmt.Errorf("deepseek-v3 config: extra transmla.latent_rank = %v contradicts the model config (%d)", old, m.KVLoraRank)
+		}
+		meta["latent_rank"] = m.KVLoraRank
+	}
 	out["transmla"] = meta
 	b, err := json.MarshalIndent(out, "", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("deepseek-v3 config: %w", err)
 	}
 	return append(b, '\n'), nil
+}
+
+// exportScaling is the rope_scaling that a DeepSeek-V3 config.json declares
+// for s: s itself, or for plain RoPE a YaRN of factor 1 over the whole
+// context, which every loader computes as plain RoPE (frequencies divided
+// by 1, attention factor and mscale 1; ParseConfig reads it back as no
+// scaling). The reason is vLLM 0.32 on the CPU: its DeepSeek model rotates
+// q_pe and k_pe, per-head slices of q and of kv_a_proj_with_mqa's output,
+// and for rope_type default it does so through the CPU rotary_embedding
+// kernel, which reads such a [tokens, heads, d_r] slice as one head per
+// token spaced by the head stride, so it rotates the wrong rows at the
+// wrong positions (README, "Measured in the engines"). Any other
+// rope_type sends vLLM's DeepSeek model through its YaRN rotary class,
+// whose CPU forward is plain PyTorch and right.
+func exportScaling(s rope.Scaling, maxPos int) rope.Scaling {
+	if s.Type != "" && s.Type != "default" {
+		return s
+	}
+	return rope.Scaling{Type: "yarn", Factor: 1, OriginalMaxPositionEmbeddings: maxPos}
 }
 
 // scalingJSON writes s as a transformers-4 rope_scaling object (nil for

@@ -129,6 +129,14 @@ func mlaConfig(stock bool, scaling rope.Scaling) Config {
 	return c
 }
 
+// padded is c with its latent stored padded by pad zero dims.
+func padded(c Config, pad int) Config {
+	m := *c.MLA
+	m.LatentPad = pad
+	c.MLA = &m
+	return c
+}
+
 func TestDeepSeekV3ConfigRoundTrip(t *testing.T) {
 	llama3 := rope.Scaling{Type: "llama3", Factor: 8, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 128}
 	yarn := rope.Scaling{Type: "yarn", Factor: 4, OriginalMaxPositionEmbeddings: 128, MScale: 1, MScaleAllDim: 0.707, BetaFast: 32, BetaSlow: 1}
@@ -144,6 +152,8 @@ func TestDeepSeekV3ConfigRoundTrip(t *testing.T) {
 		{"exact llama3", mlaConfig(false, llama3), nil, "bfloat16", false},
 		{"stock llama3", mlaConfig(true, llama3), map[string]any{"transformers_version": "4.55.0"}, "bfloat16", true},
 		{"stock yarn", mlaConfig(true, yarn), nil, "bfloat16", true},
+		{"stock padded", padded(mlaConfig(true, rope.Scaling{}), 8), nil, "bfloat16", true},
+		{"exact padded", padded(mlaConfig(false, rope.Scaling{}), 40), nil, "bfloat16", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			data, err := DeepSeekV3Config(tc.cfg, tc.extra)
@@ -170,6 +180,17 @@ func TestDeepSeekV3ConfigRoundTrip(t *testing.T) {
 			} {
 				if !reflect.DeepEqual(raw[k], want) {
 					t.Errorf("%s = %v, want %v", k, raw[k], want)
+				}
+			}
+			wantScaling := map[string]any{"rope_type": tc.cfg.Rope.Scaling.Type, "factor": tc.cfg.Rope.Scaling.Factor}
+			if tc.cfg.Rope.Scaling.Type == "" {
+				// Plain RoPE is declared as an identity YaRN (exportScaling).
+				wantScaling = map[string]any{"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512.0}
+			}
+			sc, _ := raw["rope_scaling"].(map[string]any)
+			for k, want := range wantScaling {
+				if !reflect.DeepEqual(sc[k], want) {
+					t.Errorf("rope_scaling.%s = %v, want %v", k, sc[k], want)
 				}
 			}
 			for k, v := range tc.extra {

@@ -186,7 +186,7 @@ func (r *Reader) Layer(ctx context.Context, i int) (*Layer, error) {
 	if err := r.read(ctx, layerReqs(r.cfg, i, l), nil); err != nil {
 		return nil, err
 	}
-	return l, nil
+	return l, unpadLatent(r.cfg, i, l)
 }
 
 // AttentionLayer reads decoder layer i's input norm and attention
@@ -207,7 +207,7 @@ func (r *Reader) AttentionLayer(ctx context.Context, i int) (*Layer, error) {
 	if err := r.read(ctx, reqs, nil); err != nil {
 		return nil, err
 	}
-	return l, nil
+	return l, unpadLatent(r.cfg, i, l)
 }
 
 // WriteTensor writes the named tensor, one of the model's, to w stored
@@ -280,6 +280,11 @@ func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Mod
 	if err := r.read(ctx, r.allReqs(m), progress); err != nil {
 		return nil, err
 	}
+	for i := range m.Layers {
+		if err := unpadLatent(cfg, i, &m.Layers[i]); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.TieWordEmbeddings {
 		m.LMHead.W = m.Embed
 	}
@@ -339,11 +344,14 @@ func layerReqs(cfg Config, i int, l *Layer) []tensorReq {
 			l.MLA = &MLALayer{}
 		}
 		linear("self_attn.q_proj", &l.MLA.Q, H*(m.QKNopeHeadDim+m.QKRopeHeadDim), D, m.QBias)
-		linear("self_attn.kv_a_proj_with_mqa", &l.MLA.KVA, m.KVLoraRank+m.QKRopeHeadDim, D, m.KVABias)
+		// Stored widths: a padded latent is stripped after reading
+		// (unpadLatent) and padded before writing (padLatent).
+		dc := m.storedLatent()
+		linear("self_attn.kv_a_proj_with_mqa", &l.MLA.KVA, dc+m.QKRopeHeadDim, D, m.KVABias)
 		if m.KVANorm {
-			reqs = append(reqs, tensorReq{p + "self_attn.kv_a_layernorm.weight", []int{m.KVLoraRank}, &l.MLA.KVANorm})
+			reqs = append(reqs, tensorReq{p + "self_attn.kv_a_layernorm.weight", []int{dc}, &l.MLA.KVANorm})
 		}
-		linear("self_attn.kv_b_proj", &l.MLA.KVB, H*(m.QKNopeHeadDim+m.VHeadDim), m.KVLoraRank, false)
+		linear("self_attn.kv_b_proj", &l.MLA.KVB, H*(m.QKNopeHeadDim+m.VHeadDim), dc, false)
 		linear("self_attn.o_proj", &l.O, D, H*m.VHeadDim, cfg.OBias)
 	} else {
 		qOut, kvOut := cfg.NumHeads*cfg.HeadDim, cfg.NumKVHeads*cfg.HeadDim
@@ -431,6 +439,10 @@ func LayerTensors(cfg Config, i int, l *Layer, dt safetensors.DType) ([]safetens
 	if cfg.MLA != nil && l.MLA == nil {
 		return nil, fmt.Errorf("layer %d: MLA config but the layer has no MLA weights", i)
 	}
+	l, err := padLatent(cfg, l)
+	if err != nil {
+		return nil, fmt.Errorf("layer %d: %w", i, err)
+	}
 	return specs(layerReqs(cfg, i, l), dt)
 }
 
@@ -438,6 +450,12 @@ func LayerTensors(cfg Config, i int, l *Layer, dt safetensors.DType) ([]safetens
 // dt, as LayerTensors would; it fails if the layer has no such tensor for
 // cfg, or l lacks it.
 func LayerTensor(cfg Config, i int, l *Layer, name string, dt safetensors.DType) (safetensors.TensorSpec, error) {
+	if cfg.MLA != nil && l.MLA != nil && cfg.MLA.LatentPad > 0 && strings.Contains(name, ".self_attn.kv_") {
+		var err error
+		if l, err = padLatent(cfg, l); err != nil {
+			return safetensors.TensorSpec{}, fmt.Errorf("layer %d: %w", i, err)
+		}
+	}
 	for _, req := range layerReqs(cfg, i, l) {
 		if req.name == name {
 			out, err := specs([]tensorReq{req}, dt)

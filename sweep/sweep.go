@@ -241,7 +241,7 @@ func (c *Config) key(m Method) methodKey {
 	o := m.Options
 	format := o.Format
 	if format == "" {
-		format = convert.FormatExact
+		format = convert.DefaultFormat
 	}
 	return methodKey{o.Method(c.Calibration != nil), format, o.RopeDim}
 }

@@ -65,7 +65,9 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.IntFlag{Name: "calib-tokens", Usage: "calibration tokens run through the model", Value: 32768},
 			&cli.IntFlag{Name: "calib-seq", Usage: "length of each calibration sequence", Value: 512},
 			&cli.Uint64Flag{Name: "seed", Usage: "seed that picks the calibration sequences", Value: 42},
-			&cli.StringFlag{Name: "format", Usage: "exact (this tool's eval) or deepseek-v3-stock (transformers, vLLM, SGLang)", Value: convert.FormatExact},
+			&cli.StringFlag{Name: "format", Usage: "deepseek-v3-stock (loads in transformers and vLLM) or exact (this tool's eval only)", Value: convert.DefaultFormat},
+			&cli.StringFlag{Name: "target", Usage: "engine to write for: " + strings.Join(convert.TargetNames(), ", ") + "; refuses what it cannot compute and pads the latent to a width it accepts", Value: convert.TargetAny},
+			&cli.IntFlag{Name: "pad-latent", Usage: "store the latent padded with zeros to this kv_lora_rank (engines cache the padding, transmla eval does not)", DefaultText: "none, or what --target needs"},
 			&cli.StringFlag{Name: "dtype", Usage: "stored dtype: bf16, f16, f32 (default: the source's)"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of the table"},
 		},
@@ -99,6 +101,8 @@ directory appears only when complete; MODEL is never modified.`,
 			opts.Weighting = c.String("weighting")
 			opts.ValueWeight = c.Float64("value-weight")
 			opts.Format = c.String("format")
+			opts.Target = c.String("target")
+			opts.PadLatent = c.Int("pad-latent")
 			if !(opts.ValueWeight > 0) {
 				return usagef("--value-weight must be positive, got %v", opts.ValueWeight)
 			}
@@ -161,7 +165,11 @@ func printConvertTable(w io.Writer, r convertReport) {
 	} else {
 		fmt.Fprintf(w, "calibrated  no (data-free)\n")
 	}
-	fmt.Fprintf(w, "latent      kv_lora_rank %d + qk_rope_head_dim %d per layer\n", r.Rank, r.RopeDim)
+	if r.LatentRank != r.Rank {
+		fmt.Fprintf(w, "latent      kv_lora_rank %d (%d dims + %d zero padding) + qk_rope_head_dim %d per layer\n", r.Rank, r.LatentRank, r.Rank-r.LatentRank, r.RopeDim)
+	} else {
+		fmt.Fprintf(w, "latent      kv_lora_rank %d + qk_rope_head_dim %d per layer\n", r.Rank, r.RopeDim)
+	}
 	fmt.Fprintf(w, "\n%-22s %16s %16s\n", "KV cache per token", "before (GQA)", "after (MLA)")
 	fmt.Fprintf(w, "%-22s %16d %16d\n", "values, all layers", r.CacheValuesBefore, r.CacheValuesAfter)
 	fmt.Fprintf(w, "%-22s %16s %16s\n", "bytes ("+r.DType+")", humanBytes(r.CacheBytesBefore), humanBytes(r.CacheBytesAfter))
@@ -172,6 +180,14 @@ func printConvertTable(w io.Writer, r convertReport) {
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "note        %s\n", n)
+	}
+	fmt.Fprintf(w, "\n%-13s %-6s %14s  %s\n", "engine", "loads", "cache/token", "(transmla eval: "+strconv.Itoa(r.CacheValuesAfter)+" values per token, all layers)")
+	for _, t := range r.Targets {
+		loads, why := "yes", t.Engine
+		if !t.Loads {
+			loads, why = "no", t.Reason
+		}
+		fmt.Fprintf(w, "%-13s %-6s %14d  %s\n", t.Name, loads, t.CacheValuesPerToken, why)
 	}
 	fmt.Fprintf(w, "evaluate    transmla eval %s --data FILE\n", filepath.Clean(r.Output))
 }
