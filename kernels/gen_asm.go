@@ -36,6 +36,9 @@ func main() {
 	expKernels()
 	axpyAVX512()
 	widenBF16AVX512()
+	widenF16AVX512()
+	gemv16Kernels()
+	rmsAVX512()
 	for rows := 1; rows <= 4; rows++ {
 		scoresAVX512(rows)
 		weightedSumAVX512(rows)
@@ -870,3 +873,320 @@ func weightedSumAVX512(rows int) {
 	p("RET")
 	out.WriteString("\n")
 }
+
+// widenF16AVX512 emits
+//
+//	func widenF16AVX512(n int, src *uint16, dst *float32) // n a multiple of 16
+//
+// which turns IEEE half values into float32 with VCVTPH2PS (F16C's
+// conversion, exact for every input): f16 cache rows and weights are read
+// through it.
+func widenF16AVX512() {
+	fmt.Fprintf(&out, "// func widenF16AVX512(n int, src *uint16, dst *float32)\n")
+	fmt.Fprintf(&out, "TEXT ·widenF16AVX512(SB), NOSPLIT, $0-24\n")
+	p("MOVQ n+0(FP), CX")
+	p("MOVQ src+8(FP), SI")
+	p("MOVQ dst+16(FP), DI")
+	p("CMPQ CX, $64")
+	p("JLT widenF16_16")
+	label("widenF16_loop64")
+	for u := range 4 {
+		p("VCVTPH2PS %d(SI), Z%d", 32*u, u)
+		p("VMOVUPS Z%d, %d(DI)", u, 64*u)
+	}
+	p("ADDQ $128, SI")
+	p("ADDQ $256, DI")
+	p("SUBQ $64, CX")
+	p("CMPQ CX, $64")
+	p("JGE widenF16_loop64")
+	label("widenF16_16")
+	p("CMPQ CX, $16")
+	p("JLT widenF16_done")
+	p("VCVTPH2PS (SI), Z0")
+	p("VMOVUPS Z0, (DI)")
+	p("ADDQ $32, SI")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("JMP widenF16_16")
+	label("widenF16_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// gemv16 emits, for one family of 16-bit weights,
+//
+//	func name(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+//
+// y[r] = Σ_p x[p]·w[r·ldw+p] for r < rows: the decode-step product with
+// weights kept as stored. Each row is read start to end before the next,
+// one sequential stream: the hardware prefetcher keeps up with a single
+// stream but not with four rows read side by side, which measured at half
+// the memory bandwidth on Zen 4. The loop takes unroll blocks per step,
+// each block into its own accumulators; load(u, masked) widens block u of
+// the row (at R8) into one or two registers and fma adds them, times x,
+// to the block's accumulators. A masked tail reads only the row's last
+// weights (K1); without masks (AVX2) the tail is left to the caller.
+type gemv16Spec struct {
+	name   string
+	reg    string // "Z" or "Y"
+	block  int    // weights per block
+	xBytes int    // bytes of prepared x per block
+	wBytes int    // bytes of weights per block
+	unroll int
+	masked bool // masked tail (AVX-512); else tail left to the caller
+	// setup emits constants; block emits, for block u of the step (or the
+	// masked tail), the widening and multiply-adds into accumulators a0
+	// and a1, with x at offset xo(SI) and weights at wo(R8).
+	setup func()
+	body  func(xo, wo, a0, a1 int, masked bool)
+}
+
+func gemv16(s gemv16Spec) {
+	name, R := s.name, s.reg
+	fmt.Fprintf(&out, "// func %s(rows, k int, x *float32, w *uint16, ldw int, y *float32)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-48\n", name)
+	p("MOVQ rows+0(FP), BX")
+	p("MOVQ k+8(FP), R9")
+	p("MOVQ x+16(FP), R10")
+	p("MOVQ w+24(FP), R11")
+	p("MOVQ ldw+32(FP), DX")
+	p("SHLQ $1, DX")
+	p("MOVQ y+40(FP), DI")
+	s.setup()
+	if s.masked {
+		p("MOVQ R9, CX")
+		p("ANDQ $%d, CX", s.block-1)
+		p("MOVL $1, AX")
+		p("SHLXL CX, AX, AX")
+		p("DECL AX")
+		if s.block == 32 {
+			p("KMOVD AX, K1")
+		} else {
+			p("KMOVW AX, K1")
+		}
+	}
+	p("TESTQ BX, BX")
+	p("JEQ %s_done", name)
+	label(name + "_row")
+	p("MOVQ R9, CX")
+	p("MOVQ R10, SI")
+	p("MOVQ R11, R8")
+	nacc := 2 * s.unroll
+	for i := range nacc {
+		if R == "Z" {
+			p("VPXORD Z%d, Z%d, Z%d", i, i, i)
+		} else {
+			p("VXORPS Y%d, Y%d, Y%d", i, i, i)
+		}
+	}
+	step := s.block * s.unroll
+	p("CMPQ CX, $%d", step)
+	p("JLT %s_one", name)
+	label(name + "_loop")
+	for u := range s.unroll {
+		s.body(u*s.xBytes, u*s.wBytes, 2*u, 2*u+1, false)
+	}
+	p("ADDQ $%d, SI", s.unroll*s.xBytes)
+	p("ADDQ $%d, R8", s.unroll*s.wBytes)
+	p("SUBQ $%d, CX", step)
+	p("CMPQ CX, $%d", step)
+	p("JGE %s_loop", name)
+	label(name + "_one")
+	p("CMPQ CX, $%d", s.block)
+	p("JLT %s_tail", name)
+	s.body(0, 0, 0, 1, false)
+	p("ADDQ $%d, SI", s.xBytes)
+	p("ADDQ $%d, R8", s.wBytes)
+	p("SUBQ $%d, CX", s.block)
+	p("JMP %s_one", name)
+	label(name + "_tail")
+	if s.masked {
+		p("TESTQ CX, CX")
+		p("JEQ %s_sum", name)
+		s.body(0, 0, 2, 3%nacc, true)
+	}
+	label(name + "_sum")
+	for i := 1; i < nacc; i++ {
+		p("VADDPS %s%d, %s0, %s0", R, i, R, R)
+	}
+	if R == "Z" {
+		p("VEXTRACTF64X4 $1, Z0, Y1")
+		p("VADDPS Y1, Y0, Y0")
+	}
+	p("VEXTRACTF128 $1, Y0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VPERMILPS $0x4e, X0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VPERMILPS $0xb1, X0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VMOVSS X0, (DI)")
+	p("ADDQ $4, DI")
+	p("ADDQ DX, R11")
+	p("DECQ BX")
+	p("JNZ %s_row", name)
+	label(name + "_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// gemv16Kernels emits the four 16-bit matrix-vector kernels. bf16: a
+// block of 32 weights is 16 pairs of one 64-byte load; shifting each
+// 32-bit lane left by 16 gives the even weights as float32, masking off
+// its low half the odd ones, so x comes de-interleaved per block (16 even
+// values, then 16 odd; zero past k). f16: VCVTPH2PS widens 16 halves
+// exactly, x in order. AVX2 takes blocks of half the width.
+func gemv16Kernels() {
+	shiftMask := func(R string, ones int) func() {
+		return func() {
+			p("MOVL $0xffff0000, AX")
+			if R == "Z" {
+				p("VPBROADCASTD AX, Z%d", ones)
+			} else {
+				p("VMOVD AX, X%d", ones)
+				p("VPBROADCASTD X%d, Y%d", ones, ones)
+			}
+		}
+	}
+	// bf16 body: even and odd halves into a0 and a1.
+	bf16 := func(R string, vb int, w0, w1, ones int) func(xo, wo, a0, a1 int, masked bool) {
+		return func(xo, wo, a0, a1 int, masked bool) {
+			if masked {
+				p("VMOVDQU16.Z %d(R8), K1, %s%d", wo, R, w0)
+			} else {
+				p("VMOVDQU32 %d(R8), %s%d", wo, R, w0)
+			}
+			p("VPSLLD $16, %s%d, %s%d", R, w0, R, w1)
+			if R == "Z" {
+				p("VPANDD %s%d, %s%d, %s%d", R, ones, R, w0, R, w0)
+			} else {
+				p("VPAND %s%d, %s%d, %s%d", R, ones, R, w0, R, w0)
+			}
+			p("VFMADD231PS %d(SI), %s%d, %s%d", xo, R, w1, R, a0)
+			p("VFMADD231PS %d(SI), %s%d, %s%d", xo+vb, R, w0, R, a1)
+		}
+	}
+	gemv16(gemv16Spec{name: "gemvBF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 4, masked: true,
+		setup: shiftMask("Z", 31), body: bf16("Z", 64, 16, 17, 31)})
+	// AVX2's VMOVDQU32 is VMOVDQU.
+	gemv16(gemv16Spec{name: "gemvBF16AVX2", reg: "Y", block: 16, xBytes: 64, wBytes: 32, unroll: 4,
+		setup: shiftMask("Y", 15), body: func(xo, wo, a0, a1 int, masked bool) {
+			p("VMOVDQU %d(R8), Y8", wo)
+			p("VPSLLD $16, Y8, Y9")
+			p("VPAND Y15, Y8, Y8")
+			p("VFMADD231PS %d(SI), Y9, Y%d", xo, a0)
+			p("VFMADD231PS %d(SI), Y8, Y%d", xo+32, a1)
+		}})
+	// f16: one block into one accumulator; a step of two blocks fills a0
+	// and a1.
+	gemv16(gemv16Spec{name: "gemvF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 4, masked: true,
+		setup: func() {}, body: func(xo, wo, a0, a1 int, masked bool) {
+			if masked {
+				// The tail is under 32 halves: the first 16 under K1's
+				// low half, the rest under its high half.
+				p("KSHIFTRD $16, K1, K2")
+				p("VMOVDQU16.Z %d(R8), K1, Y16", wo)
+				p("VMOVDQU16.Z %d(R8), K2, Y17", wo+32)
+				p("VCVTPH2PS Y16, Z16")
+				p("VCVTPH2PS Y17, Z17")
+			} else {
+				p("VCVTPH2PS %d(R8), Z16", wo)
+				p("VCVTPH2PS %d(R8), Z17", wo+32)
+			}
+			p("VFMADD231PS %d(SI), Z16, Z%d", xo, a0)
+			p("VFMADD231PS %d(SI), Z17, Z%d", xo+64, a1)
+		}})
+	gemv16(gemv16Spec{name: "gemvF16AVX2", reg: "Y", block: 16, xBytes: 64, wBytes: 32, unroll: 4,
+		setup: func() {}, body: func(xo, wo, a0, a1 int, masked bool) {
+			p("VCVTPH2PS %d(R8), Y8", wo)
+			p("VCVTPH2PS %d(R8), Y9", wo+16)
+			p("VFMADD231PS %d(SI), Y8, Y%d", xo, a0)
+			p("VFMADD231PS %d(SI), Y9, Y%d", xo+32, a1)
+		}})
+}
+
+// rmsAVX512 emits
+//
+//	func sumSquaresAVX512(x *float32, n int) float32 // Σ x[i]², n ≥ 1
+//	func scaleMulAVX512(dst, x, w *float32, n int, s float32) // dst[i] = w[i]·(x[i]·s)
+//
+// the two passes of RMSNorm. The products are rounded as the Go code
+// rounds them (no fused multiply-add in the second pass).
+func rmsAVX512() {
+	fmt.Fprintf(&out, "// func sumSquaresAVX512(x *float32, n int) float32\n")
+	fmt.Fprintf(&out, "TEXT ·sumSquaresAVX512(SB), NOSPLIT, $0-20\n")
+	p("MOVQ x+0(FP), DI")
+	p("MOVQ n+8(FP), CX")
+	for i := range 4 {
+		p("VPXORD Z%d, Z%d, Z%d", 16+i, 16+i, 16+i)
+	}
+	p("CMPQ CX, $64")
+	p("JLT ss_16")
+	label("ss_loop64")
+	for u := range 4 {
+		p("VMOVUPS %d(DI), Z%d", 64*u, u)
+		p("VFMADD231PS Z%d, Z%d, Z%d", u, u, 16+u)
+	}
+	p("ADDQ $256, DI")
+	p("SUBQ $64, CX")
+	p("CMPQ CX, $64")
+	p("JGE ss_loop64")
+	label("ss_16")
+	p("CMPQ CX, $16")
+	p("JLT ss_tail")
+	p("VMOVUPS (DI), Z0")
+	p("VFMADD231PS Z0, Z0, Z16")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("JMP ss_16")
+	label("ss_tail")
+	p("TESTQ CX, CX")
+	p("JEQ ss_done")
+	tailMask()
+	p("VMOVUPS.Z (DI), K1, Z0")
+	p("VFMADD231PS Z0, Z0, Z17")
+	label("ss_done")
+	p("VADDPS Z17, Z16, Z16")
+	p("VADDPS Z19, Z18, Z18")
+	p("VADDPS Z16, Z18, Z18")
+	hsumZ18()
+	p("VMOVSS X1, ret+16(FP)")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+
+	fmt.Fprintf(&out, "// func scaleMulAVX512(dst, x, w *float32, n int, s float32)\n")
+	fmt.Fprintf(&out, "TEXT ·scaleMulAVX512(SB), NOSPLIT, $0-36\n")
+	p("MOVQ dst+0(FP), DI")
+	p("MOVQ x+8(FP), SI")
+	p("MOVQ w+16(FP), DX")
+	p("MOVQ n+24(FP), CX")
+	p("VBROADCASTSS s+32(FP), Z19")
+	p("CMPQ CX, $16")
+	p("JLT sm_tail")
+	label("sm_loop")
+	p("VMULPS (SI), Z19, Z0")
+	p("VMULPS (DX), Z0, Z0")
+	p("VMOVUPS Z0, (DI)")
+	p("ADDQ $64, SI")
+	p("ADDQ $64, DX")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE sm_loop")
+	label("sm_tail")
+	p("TESTQ CX, CX")
+	p("JEQ sm_done")
+	tailMask()
+	p("VMOVUPS.Z (SI), K1, Z0")
+	p("VMOVUPS.Z (DX), K1, Z1")
+	p("VMULPS Z19, Z0, Z0")
+	p("VMULPS Z1, Z0, Z0")
+	p("VMOVUPS Z0, K1, (DI)")
+	label("sm_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+

@@ -17,7 +17,6 @@ package kernels
 import (
 	"math"
 	"runtime"
-	"sync"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/gonum"
@@ -56,20 +55,6 @@ func trans(t bool) blas.Transpose {
 	return blas.NoTrans
 }
 
-// Linear computes dst[m×out] = x[m×in]·wᵀ + bias, with w out×in and bias
-// nil or of length out.
-func Linear(be Backend, dst, x, w, bias []float32, m, out, in int) {
-	be.Gemm(false, true, m, out, in, 1, x, in, w, in, 0, dst, out)
-	if bias != nil {
-		for r := range m {
-			row := dst[r*out : (r+1)*out]
-			for j, b := range bias {
-				row[j] += b
-			}
-		}
-	}
-}
-
 // RMSNorm writes dst[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight for each of
 // the rows of length len(weight). dst may alias x. An empty weight has no
 // rows to normalise.
@@ -79,17 +64,25 @@ func RMSNorm(dst, x, weight []float32, eps float32) {
 		return
 	}
 	for r := 0; r+dim <= len(x); r += dim {
-		row := x[r : r+dim]
+		row, out := x[r:r+dim], dst[r:r+dim]
+		if rmsNormSIMD(out, row, weight, eps) {
+			continue
+		}
 		var ss float32
 		for _, v := range row {
 			ss += v * v
 		}
-		inv := float32(1 / math.Sqrt(float64(ss/float32(dim)+eps)))
-		out := dst[r : r+dim]
+		inv := rmsInv(ss, dim, eps)
 		for i, v := range row {
 			out[i] = weight[i] * (v * inv)
 		}
 	}
+}
+
+// rmsInv is 1/sqrt(ss/dim + eps), RMSNorm's factor from a row's sum of
+// squares.
+func rmsInv(ss float32, dim int, eps float32) float32 {
+	return float32(1 / math.Sqrt(float64(ss/float32(dim)+eps)))
 }
 
 // SwiGLU writes gate[i] = silu(gate[i])·up[i].
@@ -108,6 +101,7 @@ func SwiGLU(gate, up []float32) {
 
 // Add writes dst[i] += x[i].
 func Add(dst, x []float32) {
+	dst = dst[:len(x)]
 	for i, v := range x {
 		dst[i] += v
 	}
@@ -170,43 +164,33 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 		// Every core already runs a head: products inside stay on one.
 		be = serialBackend(be)
 	}
-	var wg sync.WaitGroup
-	next := make(chan int, a.Heads)
-	for h := range a.Heads {
-		next <- h
-	}
-	close(next)
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			scores := make([]float32, min(nq, queryBlock)*total)
-			for h := range next {
-				g := h / group
-				// Query rows go in blocks so that each block multiplies only
-				// the keys it can see, which halves the work of a prefill.
-				for i0 := 0; i0 < nq; i0 += queryBlock {
-					rows := min(queryBlock, nq-i0)
-					seen := past + i0 + rows
-					// s[rows×seen] = scale · Q_h · K_gᵀ
-					s := scores[:rows*seen]
-					be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kStride, 0, s, seen)
-					for i := range rows {
-						row := s[i*seen : (i+1)*seen]
-						last := past + i0 + i // last visible position
-						first := 0
-						if a.Window > 0 {
-							first = max(0, last-a.Window+1)
-						}
-						SoftmaxInPlace(row[first : last+1])
-						clear(row[:first])
-						clear(row[last+1:])
-					}
-					// out_h[rows×dv] = P · V_g
-					be.Gemm(false, false, rows, dv, seen, 1, s, seen, v[g*dv:], vStride, 0, out[i0*outStride+h*dv:], outStride)
+	scores := make([][]float32, workers)
+	Parallel(workers, a.Heads, funcTask(func(w, h int) {
+		if scores[w] == nil {
+			scores[w] = make([]float32, min(nq, queryBlock)*total)
+		}
+		g := h / group
+		// Query rows go in blocks so that each block multiplies only the
+		// keys it can see, which halves the work of a prefill.
+		for i0 := 0; i0 < nq; i0 += queryBlock {
+			rows := min(queryBlock, nq-i0)
+			seen := past + i0 + rows
+			// s[rows×seen] = scale · Q_h · K_gᵀ
+			s := scores[w][:rows*seen]
+			be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kStride, 0, s, seen)
+			for i := range rows {
+				row := s[i*seen : (i+1)*seen]
+				last := past + i0 + i // last visible position
+				first := 0
+				if a.Window > 0 {
+					first = max(0, last-a.Window+1)
 				}
+				SoftmaxInPlace(row[first : last+1])
+				clear(row[:first])
+				clear(row[last+1:])
 			}
-		}()
-	}
-	wg.Wait()
+			// out_h[rows×dv] = P · V_g
+			be.Gemm(false, false, rows, dv, seen, 1, s, seen, v[g*dv:], vStride, 0, out[i0*outStride+h*dv:], outStride)
+		}
+	}))
 }

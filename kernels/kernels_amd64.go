@@ -57,10 +57,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX512(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			dot4: func(k int, x, b []float32, ldb int, out *[4]float32) int {
-				dot4AVX512(k, &x[0], &b[0], ldb, &out[0])
-				return k
-			},
+			simd: simdAVX512,
 			interleave: interleaveAVX512,
 		})
 	}
@@ -70,10 +67,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX2(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			dot4: func(k int, x, b []float32, ldb int, out *[4]float32) int {
-				dot4AVX2(k, &x[0], &b[0], ldb, &out[0])
-				return k &^ 7
-			},
+			simd: simdAVX2,
 			interleave: interleaveGo,
 		})
 	}
@@ -258,3 +252,93 @@ func wsumBlockSIMD(rows, n int, w []float32, ldw int, v []float32, ldv int, o []
 // smallBlocksSIMD reports whether scoresBlockSIMD and wsumBlockSIMD have
 // vector code on this CPU.
 func smallBlocksSIMD() bool { return hasAVX512 }
+
+//go:noescape
+func widenF16AVX512(n int, src *uint16, dst *float32)
+
+// widenF16SIMD widens the longest multiple of 16 IEEE halves of src into
+// dst in vector code and returns how many it did (0 without AVX-512).
+func widenF16SIMD(dst []float32, src []uint16) int {
+	n := len(src) &^ 15
+	if !hasAVX512 || n == 0 {
+		return 0
+	}
+	_ = dst[n-1]
+	widenF16AVX512(n, &src[0], &dst[0])
+	return n
+}
+
+//go:noescape
+func gemvBF16AVX512(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvF16AVX512(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvBF16AVX2(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvF16AVX2(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+// hasAVX512BW selects the 16-bit weight kernels of AVX-512, whose row
+// tails are loaded with word masks.
+var hasAVX512BW = hasAVX512 && cpu.X86.HasAVX512BW
+
+// dot4Arch is gemmKernel.dot4 in the vector code of level l, or false
+// for the portable code.
+func dot4Arch(l simdLevel, k int, x, b []float32, ldb int, out *[4]float32) (int, bool) {
+	switch l {
+	case simdAVX512:
+		dot4AVX512(k, &x[0], &b[0], ldb, &out[0])
+		return k, true
+	case simdAVX2:
+		dot4AVX2(k, &x[0], &b[0], ldb, &out[0])
+		return k &^ 7, true
+	}
+	return 0, false
+}
+
+// gemv16Kernels lists the vector kernels for 16-bit weights this CPU can
+// run, fastest first.
+func gemv16Kernels() []*gemv16 {
+	var ks []*gemv16
+	if hasAVX512BW {
+		ks = append(ks, &gemv16{name: "avx512", simd: simdAVX512, block: 32, full: true})
+	}
+	if cpu.X86.HasAVX2 && cpu.X86.HasFMA && cpu.X86.HasF16C {
+		ks = append(ks, &gemv16{name: "avx2", simd: simdAVX2, block: 16})
+	}
+	return ks
+}
+
+// gemv16Arch runs the 16-bit kernel of level l for dtype dt (see gemv16).
+func gemv16Arch(l simdLevel, dt RowDType, rows, k int, x []float32, w []uint16, ldw int, y []float32) {
+	_, _ = w[(rows-1)*ldw+k-1], y[rows-1]
+	switch {
+	case l == simdAVX512 && dt == RowBF16:
+		gemvBF16AVX512(rows, k, &x[0], &w[0], ldw, &y[0])
+	case l == simdAVX512:
+		gemvF16AVX512(rows, k, &x[0], &w[0], ldw, &y[0])
+	case dt == RowBF16:
+		gemvBF16AVX2(rows, k, &x[0], &w[0], ldw, &y[0])
+	default:
+		gemvF16AVX2(rows, k, &x[0], &w[0], ldw, &y[0])
+	}
+}
+
+//go:noescape
+func sumSquaresAVX512(x *float32, n int) float32
+
+//go:noescape
+func scaleMulAVX512(dst, x, w *float32, n int, s float32)
+
+// rmsNormSIMD is RMSNorm of one row in vector code, or false when the CPU
+// has none for it. len(dst) ≥ len(x) = len(w) > 0.
+func rmsNormSIMD(dst, x, w []float32, eps float32) bool {
+	if !hasAVX512 {
+		return false
+	}
+	ss := sumSquaresAVX512(&x[0], len(x))
+	scaleMulAVX512(&dst[0], &x[0], &w[0], len(x), rmsInv(ss, len(x), eps))
+	return true
+}

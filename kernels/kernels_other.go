@@ -30,3 +30,17 @@ func wsumBlockSIMD(rows, n int, w []float32, ldw int, v []float32, ldv int, o []
 }
 
 func smallBlocksSIMD() bool { return false }
+
+func widenF16SIMD(dst []float32, src []uint16) int { return 0 }
+
+func gemv16Kernels() []*gemv16 { return nil }
+
+func gemv16Arch(l simdLevel, dt RowDType, rows, k int, x []float32, w []uint16, ldw int, y []float32) {
+	panic("kernels: no vector code")
+}
+
+func dot4Arch(l simdLevel, k int, x, b []float32, ldb int, out *[4]float32) (int, bool) {
+	return 0, false
+}
+
+func rmsNormSIMD(dst, x, w []float32, eps float32) bool { return false }

@@ -57,7 +57,7 @@ func TestLinear(t *testing.T) {
 			for i := range dst {
 				dst[i] = float32(math.NaN())
 			}
-			Linear(Gonum{}, dst, x, w, b, tc.m, tc.out, tc.k)
+			Linear(Gonum{}, dst, x, MatF32(tc.out, tc.k, w), b, tc.m)
 			want := make([]float64, tc.m*tc.out)
 			for r := range tc.m {
 				for o := range tc.out {
@@ -189,7 +189,7 @@ func BenchmarkLinear1024x768x768(b *testing.B) {
 	dst := make([]float32, 1024*768)
 	b.SetBytes(int64(4 * (len(x) + len(w) + len(dst))))
 	for b.Loop() {
-		Linear(Gonum{}, dst, x, w, nil, 1024, 768, 768)
+		Linear(Gonum{}, dst, x, MatF32(768, 768, w), nil, 1024)
 	}
 	b.ReportMetric(2*1024*768*768*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 }

@@ -3,7 +3,6 @@ package kernels
 import (
 	"math"
 	"runtime"
-	"sync"
 )
 
 // RowAttention is causal attention of query rows against the rows of a KV
@@ -35,23 +34,34 @@ type RowAttention struct {
 	Workers int
 }
 
+// AttendScratch holds the partial results and per-worker buffers of
+// Attend calls, reused from one call to the next so that a decode step
+// allocates nothing. One scratch serves one call at a time.
+type AttendScratch struct {
+	parts []rowPartial // per task and group
+	ws    []rowWorkspace
+	task  attendTask
+}
+
 // Attend computes, for the n new positions past…past+n−1 whose rows are
 // already in rows, out[g] = softmax(Scale·q[g]·Kᵀ)·V for every group g.
 // q[g] is (n·PerPosition)×KeyDim and out[g] (n·PerPosition)×ValueDim, rows
 // ordered by position, then by head. Query blocks and, for few queries and
-// long contexts, chunks of the context run in parallel.
-func (a RowAttention) Attend(be Backend, out, q [][]float32, n, past int, rows *Rows) {
+// long contexts, chunks of the context run in parallel. s may be nil (a
+// new scratch is made).
+func (a RowAttention) Attend(be Backend, s *AttendScratch, out, q [][]float32, n, past int, rows *Rows) {
 	if n <= 0 {
 		return
+	}
+	if s == nil {
+		s = &AttendScratch{}
 	}
 	total := past + n
 	workers := runtime.GOMAXPROCS(0)
 	if a.Workers > 0 {
-		workers = a.Workers
+		workers = min(workers, a.Workers)
 	}
-	// Query blocks of up to posBlock positions.
-	const posBlock = 64
-	blocks := (n + posBlock - 1) / posBlock
+	blocks := (n + attendPosBlock - 1) / attendPosBlock
 	// Split the context of each block when blocks alone cannot keep the
 	// cores busy and there is enough context to share.
 	pages := (total + rows.pageRows - 1) / rows.pageRows
@@ -59,53 +69,72 @@ func (a RowAttention) Attend(be Backend, out, q [][]float32, n, past int, rows *
 	if blocks < workers && pages >= 2*workers {
 		splits = max(1, workers/blocks)
 	}
-	type task struct{ block, split int }
-	tasks := make(chan task, blocks*splits)
-	// Later blocks see more context: hand them out first.
-	for b := blocks - 1; b >= 0; b-- {
-		for s := range splits {
-			tasks <- task{b, s}
-		}
+	tasks := blocks * splits
+	groups := len(q)
+	nr := min(n, attendPosBlock) * a.PerPosition
+	if len(s.parts) < tasks*groups {
+		s.parts = append(s.parts, make([]rowPartial, tasks*groups-len(s.parts))...)
 	}
-	close(tasks)
-	parts := make([][]rowPartial, blocks*splits)
-	workers = min(workers, blocks*splits)
+	for i := range s.parts[:tasks*groups] {
+		pt := &s.parts[i]
+		pt.m, pt.l, pt.o = grow(pt.m, nr), grow(pt.l, nr), grow(pt.o, nr*a.ValueDim)
+	}
+	if len(s.ws) < workers {
+		s.ws = append(s.ws, make([]rowWorkspace, workers-len(s.ws))...)
+	}
 	inner := be
-	if workers > 1 {
+	if workers > 1 && tasks > 1 {
 		inner = serialBackend(be)
 	}
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ws := &rowWorkspace{}
-			for t := range tasks {
-				p0 := t.block * posBlock
-				p1 := min(n, p0+posBlock)
-				// Context visible to the block: [lo, past+p1).
-				lo, hi := 0, past+p1
-				if a.Window > 0 {
-					lo = max(0, past+p0-a.Window+1)
-				}
-				// This split's share of whole pages.
-				pg0, pg1 := lo/rows.pageRows, (hi+rows.pageRows-1)/rows.pageRows
-				per := (pg1 - pg0 + splits - 1) / splits
-				s0 := max(lo, (pg0+t.split*per)*rows.pageRows)
-				s1 := min(hi, (pg0+(t.split+1)*per)*rows.pageRows)
-				parts[t.block*splits+t.split] = a.attendBlock(inner, ws, q, p0, p1, past, s0, s1, rows)
-			}
-		}()
-	}
-	wg.Wait()
+	t := &s.task
+	*t = attendTask{a: a, be: inner, s: s, q: q, n: n, past: past, rows: rows, blocks: blocks, splits: splits}
+	Parallel(workers, tasks, t)
 	for b := range blocks {
-		p0 := b * posBlock
-		p1 := min(n, p0+posBlock)
+		p0 := b * attendPosBlock
+		p1 := min(n, p0+attendPosBlock)
 		for g := range q {
 			r0, r1 := p0*a.PerPosition, p1*a.PerPosition
-			a.combine(out[g][r0*a.ValueDim:r1*a.ValueDim], parts[b*splits:(b+1)*splits], g, r1-r0)
+			a.combine(out[g][r0*a.ValueDim:r1*a.ValueDim], s.parts[b*splits*groups:(b+1)*splits*groups], g, groups, splits, r1-r0)
 		}
 	}
+	*t = attendTask{}
+}
+
+// attendPosBlock is the number of new positions one task attends for.
+const attendPosBlock = 64
+
+// attendTask is one Attend call's parallel work: task i is query block
+// blocks−1−i/splits (later blocks see more context: they go first) against
+// its share i%splits of the context.
+type attendTask struct {
+	a              RowAttention
+	be             Backend
+	s              *AttendScratch
+	q              [][]float32
+	n, past        int
+	rows           *Rows
+	blocks, splits int
+}
+
+// Run implements Task.
+func (t *attendTask) Run(w, i int) {
+	a, rows := t.a, t.rows
+	block, split := t.blocks-1-i/t.splits, i%t.splits
+	p0 := block * attendPosBlock
+	p1 := min(t.n, p0+attendPosBlock)
+	// Context visible to the block: [lo, past+p1).
+	lo, hi := 0, t.past+p1
+	if a.Window > 0 {
+		lo = max(0, t.past+p0-a.Window+1)
+	}
+	// This split's share of whole pages.
+	pg0, pg1 := lo/rows.pageRows, (hi+rows.pageRows-1)/rows.pageRows
+	per := (pg1 - pg0 + t.splits - 1) / t.splits
+	s0 := max(lo, (pg0+split*per)*rows.pageRows)
+	s1 := min(hi, (pg0+(split+1)*per)*rows.pageRows)
+	groups := len(t.q)
+	k := (block*t.splits + split) * groups
+	a.attendBlock(t.be, &t.s.ws[w], t.q, p0, p1, t.past, s0, s1, rows, t.s.parts[k:k+groups])
 }
 
 // rowPartial is one task's unnormalised result for one group: per query
@@ -120,27 +149,24 @@ type rowWorkspace struct {
 }
 
 // attendBlock runs positions [p0, p1) of the new rows against context rows
-// [s0, s1) and returns the partial results of every group.
-func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p0, p1, past, s0, s1 int, rows *Rows) []rowPartial {
+// [s0, s1) into parts, one partial result per group.
+func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p0, p1, past, s0, s1 int, rows *Rows, parts []rowPartial) {
 	per, dk, dv, w := a.PerPosition, a.KeyDim, a.ValueDim, rows.width
 	nr := (p1 - p0) * per
-	parts := make([]rowPartial, len(q))
 	for g := range parts {
-		pt := rowPartial{m: make([]float32, nr), l: make([]float32, nr), o: make([]float32, nr*dv)}
+		pt := &parts[g]
+		pt.m, pt.l, pt.o = pt.m[:nr], pt.l[:nr], pt.o[:nr*dv]
 		for i := range pt.m {
 			pt.m[i] = float32(math.Inf(-1))
 		}
-		parts[g] = pt
+		clear(pt.l)
+		clear(pt.o)
 	}
 	if s0 >= s1 {
-		return parts
+		return
 	}
-	if cap(ws.page) < rows.pageRows*w {
-		ws.page = make([]float32, rows.pageRows*w)
-	}
-	if cap(ws.scores) < nr*rows.pageRows {
-		ws.scores = make([]float32, nr*rows.pageRows)
-	}
+	ws.page = grow(ws.page, rows.pageRows*w)
+	ws.scores = grow(ws.scores, nr*rows.pageRows)
 	for t0 := s0; t0 < s1; {
 		pg, o0 := t0/rows.pageRows, t0%rows.pageRows
 		t1 := min(s1, (pg+1)*rows.pageRows)
@@ -161,7 +187,7 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 		rn := r1 - r0
 		s := ws.scores[:rn*nt]
 		for g, qg := range q {
-			pt := parts[g]
+			pt := &parts[g]
 			scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
 			for r := range rn {
 				pos := past + p0 + (r0+r)/per
@@ -186,7 +212,6 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 		}
 		t0 = t1
 	}
-	return parts
 }
 
 // smallRows is the query-row count up to which scores and weighted sums
@@ -242,20 +267,20 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 	}
 }
 
-// combine merges the partial results of one group over the context splits
-// and writes the normalised rows to out.
-func (a RowAttention) combine(out []float32, parts [][]rowPartial, g, nr int) {
+// combine merges the partial results of group g over the splits of one
+// block (parts: splits × groups) and writes the normalised rows to out.
+func (a RowAttention) combine(out []float32, parts []rowPartial, g, groups, splits, nr int) {
 	dv := a.ValueDim
 	for i := range nr {
 		m := float32(math.Inf(-1))
-		for _, p := range parts {
-			m = max(m, p[g].m[i])
+		for sp := range splits {
+			m = max(m, parts[sp*groups+g].m[i])
 		}
 		dst := out[i*dv : (i+1)*dv]
 		clear(dst)
 		var l float32
-		for _, p := range parts {
-			pt := p[g]
+		for sp := range splits {
+			pt := parts[sp*groups+g]
 			if pt.l[i] == 0 {
 				continue
 			}

@@ -66,6 +66,9 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 		{"window decode", 2, 2, 8, 8, false, 1, 400, 37, 16, RowF32},
 		{"window prefill", 1, 4, 24, 16, true, 130, 20, 50, 16, RowBF16},
 	}
+	// One scratch for every case, so that its reuse across shapes is
+	// tested; each case also runs with a fresh one.
+	shared := &AttendScratch{}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(i), 11))
@@ -102,15 +105,19 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 					q[g][j] = 2 * float32(rng.NormFloat64())
 				}
 				out[g] = make([]float32, tc.n*tc.per*tc.dv)
-				for j := range out[g] {
-					out[g][j] = float32(math.NaN()) // poisoned: every value must be written
-				}
 			}
-			a.Attend(NewNative(), out, q, tc.n, tc.past, rows)
 			want := naiveRowAttention(a, q, tc.n, tc.past, stored, width)
-			for g := range q {
-				if e := relErr(out[g], want[g]); !(e < 2e-5) {
-					t.Errorf("group %d: relative error %.3g", g, e)
+			for _, scratch := range []*AttendScratch{nil, shared} {
+				for g := range out {
+					for j := range out[g] {
+						out[g][j] = float32(math.NaN()) // poisoned: every value must be written
+					}
+				}
+				a.Attend(NewNative(), scratch, out, q, tc.n, tc.past, rows)
+				for g := range q {
+					if e := relErr(out[g], want[g]); !(e < 2e-5) {
+						t.Errorf("scratch %v, group %d: relative error %.3g", scratch != nil, g, e)
+					}
 				}
 			}
 		})
@@ -194,10 +201,10 @@ func BenchmarkRowAttentionDecode(b *testing.B) {
 				rows.Write(0, make([]float32, ctx*256))
 				q := [][]float32{make([]float32, 6*256)}
 				out := [][]float32{make([]float32, 6*192)}
-				be := NewNative()
+				be, scratch := NewNative(), &AttendScratch{}
 				b.SetBytes(rows.BytesAllocated())
 				for b.Loop() {
-					a.Attend(be, out, q, 1, ctx-1, rows)
+					a.Attend(be, scratch, out, q, 1, ctx-1, rows)
 				}
 			})
 		}
