@@ -1189,4 +1189,3 @@ func rmsAVX512() {
 	p("RET")
 	out.WriteString("\n")
 }
-

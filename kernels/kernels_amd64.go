@@ -57,7 +57,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX512(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			simd: simdAVX512,
+			simd:       simdAVX512,
 			interleave: interleaveAVX512,
 		})
 	}
@@ -67,7 +67,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX2(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			simd: simdAVX2,
+			simd:       simdAVX2,
 			interleave: interleaveGo,
 		})
 	}
