@@ -10,6 +10,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"math"
 	"os"
 )
 
@@ -39,9 +40,12 @@ func main() {
 	widenF16AVX512()
 	gemv16Kernels()
 	rmsAVX512()
-	for rows := 1; rows <= 4; rows++ {
-		scoresAVX512(rows)
-		weightedSumAVX512(rows)
+	sumExp64AVX512()
+	for _, dt := range []string{"", "BF16", "F16"} {
+		for rows := 1; rows <= 4; rows++ {
+			scoresAVX512(rows, dt)
+			weightedSumAVX512(rows, dt)
+		}
 	}
 	if err := os.WriteFile("kernels_amd64.s", out.Bytes(), 0o644); err != nil {
 		panic(err)
@@ -701,8 +705,16 @@ func widenBF16AVX512() {
 // of attention scores, rows queries against four cached keys. Every key
 // chunk loaded is used by all rows and every query chunk by all keys,
 // which halves the loads per multiply-add of one-row products.
-func scoresAVX512(rows int) {
-	name := fmt.Sprintf("scores%dxAVX512", rows)
+//
+// With dt "BF16" or "F16" the keys are 16-bit cache rows (ldk in values),
+// widened exactly as they are loaded: decoding reads a bf16 cache without
+// a widened copy of it.
+func scoresAVX512(rows int, dt string) {
+	name := fmt.Sprintf("scores%dx%sAVX512", rows, dt)
+	kw := 4 // bytes per key value
+	if dt != "" {
+		kw = 2
+	}
 	fmt.Fprintf(&out, "// func %s(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)\n", name)
 	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
 	p("MOVQ k+0(FP), CX")
@@ -711,7 +723,7 @@ func scoresAVX512(rows int) {
 	p("SHLQ $2, DX")
 	p("MOVQ keys+24(FP), R8")
 	p("MOVQ ldk+32(FP), BX")
-	p("SHLQ $2, BX")
+	p("SHLQ $%d, BX", kw/2)
 	qReg := []string{"SI", "R12", "R13", "R14"}
 	for r := 1; r < rows; r++ {
 		p("LEAQ (%s)(DX*1), %s", qReg[r-1], qReg[r])
@@ -733,11 +745,7 @@ func scoresAVX512(rows int) {
 			}
 		}
 		for j := range 4 {
-			if masked {
-				p("VMOVUPS.Z (%s), K1, Z20", kReg[j])
-			} else {
-				p("VMOVUPS (%s), Z20", kReg[j])
-			}
+			load16(dt, kReg[j], 0, 20, masked)
 			for r := range rows {
 				p("VFMADD231PS Z20, Z%d, Z%d", 16+r, acc(r, j))
 			}
@@ -751,7 +759,7 @@ func scoresAVX512(rows int) {
 		p("ADDQ $64, %s", qReg[r])
 	}
 	for j := range 4 {
-		p("ADDQ $64, %s", kReg[j])
+		p("ADDQ $%d, %s", 16*kw, kReg[j])
 	}
 	p("SUBQ $16, CX")
 	p("CMPQ CX, $16")
@@ -796,8 +804,15 @@ func scoresAVX512(rows int) {
 // o[r·ldo+j] += Σ_t w[r·ldw+t]·v[t·ldv+j] for r < rows, t < 4, j < n: the
 // attention weights of rows queries applied to four cached values. The 4·rows
 // weights stay in registers while the output rows are swept once.
-func weightedSumAVX512(rows int) {
-	name := fmt.Sprintf("wsum%dxAVX512", rows)
+//
+// With dt "BF16" or "F16" the values are 16-bit cache rows (ldv in
+// values), widened as they are loaded.
+func weightedSumAVX512(rows int, dt string) {
+	name := fmt.Sprintf("wsum%dx%sAVX512", rows, dt)
+	vw := 4 // bytes per value
+	if dt != "" {
+		vw = 2
+	}
 	fmt.Fprintf(&out, "// func %s(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)\n", name)
 	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
 	p("MOVQ n+0(FP), CX")
@@ -814,7 +829,7 @@ func weightedSumAVX512(rows int) {
 	}
 	p("MOVQ v+24(FP), R8")
 	p("MOVQ ldv+32(FP), BX")
-	p("SHLQ $2, BX")
+	p("SHLQ $%d, BX", vw/2)
 	vReg := []string{"R8", "R9", "R10", "R11"}
 	for t := 1; t < 4; t++ {
 		p("LEAQ (%s)(BX*1), %s", vReg[t-1], vReg[t])
@@ -828,11 +843,7 @@ func weightedSumAVX512(rows int) {
 	}
 	step := func(masked bool) {
 		for t := range 4 {
-			if masked {
-				p("VMOVUPS.Z (%s), K1, Z%d", vReg[t], t)
-			} else {
-				p("VMOVUPS (%s), Z%d", vReg[t], t)
-			}
+			load16(dt, vReg[t], 0, t, masked)
 		}
 		for r := range rows {
 			if masked {
@@ -855,7 +866,7 @@ func weightedSumAVX512(rows int) {
 	label(name + "_loop")
 	step(false)
 	for t := range 4 {
-		p("ADDQ $64, %s", vReg[t])
+		p("ADDQ $%d, %s", 16*vw, vReg[t])
 	}
 	for r := range rows {
 		p("ADDQ $64, %s", oReg[r])
@@ -1188,4 +1199,129 @@ func rmsAVX512() {
 	p("VZEROUPPER")
 	p("RET")
 	out.WriteString("\n")
+}
+
+// sumExp64AVX512 emits
+//
+//	func sumExp64AVX512(x *float32, n int, m float32) float64 // Σ e^(x[i]−m), n ≥ 0
+//
+// the normaliser of a log-softmax in float64, for perplexities: each x is
+// widened to float64 (exact), e^(x−m) is reduced as 2^k·e^r with |r| ≤
+// ln2/2 (Cody–Waite, ln 2 in two parts), e^r is the degree-12 Taylor
+// polynomial (truncation below 2e-16) and VSCALEFPD applies 2^k. The
+// result agrees with math.Exp to a few ulps per term.
+func sumExp64AVX512() {
+	fmt.Fprintf(&out, "// func sumExp64AVX512(x *float32, n int, m float32) float64\n")
+	fmt.Fprintf(&out, "TEXT ·sumExp64AVX512(SB), NOSPLIT, $0-32\n")
+	p("MOVQ x+0(FP), SI")
+	p("MOVQ n+8(FP), CX")
+	p("VCVTSS2SD m+16(FP), X0, X0")
+	p("VBROADCASTSD X0, Z31") // m
+	consts := []struct {
+		reg int
+		v   string
+	}{
+		{30, "0x3ff71547652b82fe"}, // log2(e)
+		{29, "0x3fe62e42fee00000"}, // ln2 high (fdlibm)
+		{28, "0x3dea39ef35793c76"}, // ln2 low
+		{27, "0xc087440000000000"}, // -744: e^x is below the least subnormal under it
+	}
+	for _, c := range consts {
+		p("MOVQ $%s, AX", c.v)
+		p("VPBROADCASTQ AX, Z%d", c.reg)
+	}
+	// 1/k! for k = 12 … 0 in Z14…Z26.
+	for k := 12; k >= 0; k-- {
+		f := 1.0
+		for i := 2; i <= k; i++ {
+			f *= float64(i)
+		}
+		p("MOVQ $0x%016x, AX", math.Float64bits(1/f))
+		p("VPBROADCASTQ AX, Z%d", 14+(12-k))
+	}
+	p("VPXORQ Z0, Z0, Z0") // sum
+	p("VPXORQ Z1, Z1, Z1") // second sum
+	exp := func(x, n, t int) {
+		p("VSUBPD Z31, Z%d, Z%d", x, x)
+		p("VMAXPD Z%d, Z27, Z%d", x, x) // NaN stays NaN
+		p("VMULPD Z30, Z%d, Z%d", x, n)
+		p("VRNDSCALEPD $0, Z%d, Z%d", n, n)
+		p("VFNMADD231PD Z29, Z%d, Z%d", n, x)
+		p("VFNMADD231PD Z28, Z%d, Z%d", n, x) // r
+		p("VMOVAPD Z14, Z%d", t)
+		for c := 15; c <= 26; c++ {
+			p("VFMADD213PD Z%d, Z%d, Z%d", c, x, t)
+		}
+		p("VSCALEFPD Z%d, Z%d, Z%d", n, t, x)
+	}
+	p("CMPQ CX, $16")
+	p("JLT sumExp64_8")
+	label("sumExp64_loop")
+	p("VCVTPS2PD (SI), Z2")
+	p("VCVTPS2PD 32(SI), Z3")
+	exp(2, 4, 5)
+	exp(3, 6, 7)
+	p("VADDPD Z2, Z0, Z0")
+	p("VADDPD Z3, Z1, Z1")
+	p("ADDQ $64, SI")
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE sumExp64_loop")
+	label("sumExp64_8")
+	p("CMPQ CX, $8")
+	p("JLT sumExp64_tail")
+	p("VCVTPS2PD (SI), Z2")
+	exp(2, 4, 5)
+	p("VADDPD Z2, Z0, Z0")
+	p("ADDQ $32, SI")
+	p("SUBQ $8, CX")
+	label("sumExp64_tail")
+	p("TESTQ CX, CX")
+	p("JEQ sumExp64_done")
+	p("MOVL $1, AX")
+	p("SHLXL CX, AX, AX")
+	p("DECL AX")
+	p("KMOVW AX, K1")
+	p("VMOVUPS.Z (SI), K1, Y2")
+	p("VCVTPS2PD Y2, Z2")
+	exp(2, 4, 5)
+	p("VADDPD Z2, Z1, K1, Z1")
+	label("sumExp64_done")
+	p("VADDPD Z1, Z0, Z0")
+	p("VEXTRACTF64X4 $1, Z0, Y1")
+	p("VADDPD Y1, Y0, Y0")
+	p("VEXTRACTF128 $1, Y0, X1")
+	p("VADDPD X1, X0, X0")
+	p("VPERMILPD $1, X0, X1")
+	p("VADDSD X1, X0, X0")
+	p("VMOVSD X0, ret+24(FP)")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// load16 loads 16 float32 values at off(ptr) into Zdst: float32 itself
+// (dt ""), or bf16 or f16 widened exactly; masked loads only the lanes of
+// K1, zeroing the others (16-bit values through a word-masked load, so
+// nothing past the lanes is read).
+func load16(dt, ptr string, off, dst int, masked bool) {
+	switch {
+	case dt == "" && masked:
+		p("VMOVUPS.Z %d(%s), K1, Z%d", off, ptr, dst)
+	case dt == "":
+		p("VMOVUPS %d(%s), Z%d", off, ptr, dst)
+	case masked:
+		p("VMOVDQU16.Z %d(%s), K1, Y%d", off, ptr, dst)
+		if dt == "BF16" {
+			p("VPMOVZXWD Y%d, Z%d", dst, dst)
+			p("VPSLLD $16, Z%d, Z%d", dst, dst)
+		} else {
+			p("VCVTPH2PS Y%d, Z%d", dst, dst)
+		}
+	case dt == "BF16":
+		p("VPMOVZXWD %d(%s), Z%d", off, ptr, dst)
+		p("VPSLLD $16, Z%d, Z%d", dst, dst)
+	default:
+		p("VCVTPH2PS %d(%s), Z%d", off, ptr, dst)
+	}
 }

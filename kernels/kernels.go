@@ -194,3 +194,24 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 		}
 	}))
 }
+
+// MaxOf is the largest value of a non-empty x.
+func MaxOf(x []float32) float32 { return maxOf(x) }
+
+// SumExp64 is Σ e^(x[i]−m) in float64, the normaliser of a log-softmax
+// (m is usually the maximum). The vector code agrees with math.Exp to a
+// few float64 ulps per term; elsewhere math.Exp itself is used.
+func SumExp64(x []float32, m float32) float64 {
+	if len(x) == 0 {
+		return 0
+	}
+	if s, ok := sumExp64SIMD(x, m); ok {
+		return s
+	}
+	var s float64
+	mf := float64(m)
+	for _, v := range x {
+		s += math.Exp(float64(v) - mf)
+	}
+	return s
+}

@@ -342,3 +342,105 @@ func rmsNormSIMD(dst, x, w []float32, eps float32) bool {
 	scaleMulAVX512(&dst[0], &x[0], &w[0], len(x), rmsInv(ss, len(x), eps))
 	return true
 }
+
+//go:noescape
+func sumExp64AVX512(x *float32, n int, m float32) float64
+
+// sumExp64SIMD is SumExp64 in vector code, or false when the CPU has none
+// for it.
+func sumExp64SIMD(x []float32, m float32) (float64, bool) {
+	if !hasAVX512 {
+		return 0, false
+	}
+	return sumExp64AVX512(&x[0], len(x), m), true
+}
+
+//go:noescape
+func scores1xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores2xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores3xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores4xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores1xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores2xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores3xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores4xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func wsum1xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum2xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum3xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum4xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum1xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum2xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum3xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum4xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+// scoresBlock16SIMD is scoresBlockSIMD for 16-bit keys of dtype dt, or
+// false when the CPU has no vector code for it.
+func scoresBlock16SIMD(dt RowDType, rows, k int, q []float32, ldq int, keys []uint16, ldk int, out []float32, ldo int) bool {
+	if !hasAVX512BW {
+		return false
+	}
+	_, _, _ = q[(rows-1)*ldq+k-1], keys[3*ldk+k-1], out[(rows-1)*ldo+3]
+	f := [2][4]func(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int){
+		{scores1xBF16AVX512, scores2xBF16AVX512, scores3xBF16AVX512, scores4xBF16AVX512},
+		{scores1xF16AVX512, scores2xF16AVX512, scores3xF16AVX512, scores4xF16AVX512},
+	}
+	i := 0
+	if dt == RowF16 {
+		i = 1
+	}
+	f[i][rows-1](k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	return true
+}
+
+// wsumBlock16SIMD is wsumBlockSIMD for 16-bit values of dtype dt, or
+// false when the CPU has no vector code for it.
+func wsumBlock16SIMD(dt RowDType, rows, n int, w []float32, ldw int, v []uint16, ldv int, o []float32, ldo int) bool {
+	if !hasAVX512BW {
+		return false
+	}
+	_, _, _ = w[(rows-1)*ldw+3], v[3*ldv+n-1], o[(rows-1)*ldo+n-1]
+	f := [2][4]func(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int){
+		{wsum1xBF16AVX512, wsum2xBF16AVX512, wsum3xBF16AVX512, wsum4xBF16AVX512},
+		{wsum1xF16AVX512, wsum2xF16AVX512, wsum3xF16AVX512, wsum4xF16AVX512},
+	}
+	i := 0
+	if dt == RowF16 {
+		i = 1
+	}
+	f[i][rows-1](n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	return true
+}
+
+// smallBlocks16SIMD reports whether scoresBlock16SIMD and wsumBlock16SIMD
+// have vector code on this CPU.
+func smallBlocks16SIMD() bool { return hasAVX512BW }

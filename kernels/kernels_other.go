@@ -44,3 +44,15 @@ func dot4Arch(l simdLevel, k int, x, b []float32, ldb int, out *[4]float32) (int
 }
 
 func rmsNormSIMD(dst, x, w []float32, eps float32) bool { return false }
+
+func sumExp64SIMD(x []float32, m float32) (float64, bool) { return 0, false }
+
+func scoresBlock16SIMD(dt RowDType, rows, k int, q []float32, ldq int, keys []uint16, ldk int, out []float32, ldo int) bool {
+	return false
+}
+
+func wsumBlock16SIMD(dt RowDType, rows, n int, w []float32, ldw int, v []uint16, ldv int, o []float32, ldo int) bool {
+	return false
+}
+
+func smallBlocks16SIMD() bool { return false }

@@ -165,12 +165,23 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 	if s0 >= s1 {
 		return
 	}
-	ws.page = grow(ws.page, rows.pageRows*w)
+	// A few query rows (decoding) read 16-bit rows as they are, widening
+	// in the kernels; more rows pay for widening a page once.
+	direct := rows.dtype != RowF32 && nr <= smallRows && smallBlocks16SIMD()
+	if !direct {
+		ws.page = grow(ws.page, rows.pageRows*w)
+	}
 	ws.scores = grow(ws.scores, nr*rows.pageRows)
+	var tile []float32
+	var tile16 []uint16
 	for t0 := s0; t0 < s1; {
 		pg, o0 := t0/rows.pageRows, t0%rows.pageRows
 		t1 := min(s1, (pg+1)*rows.pageRows)
-		tile := rows.page(ws.page, pg, o0, o0+t1-t0)
+		if direct {
+			tile16 = rows.page16(pg, o0, o0+t1-t0)
+		} else {
+			tile = rows.page(ws.page, pg, o0, o0+t1-t0)
+		}
 		nt := t1 - t0
 		// Query rows that see part of [t0, t1): positions P with P ≥ t0 and,
 		// with a window, P−Window+1 < t1. Positions grow with the row index.
@@ -188,7 +199,11 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 		s := ws.scores[:rn*nt]
 		for g, qg := range q {
 			pt := &parts[g]
-			scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
+			if direct {
+				scoresRows16(rows.dtype, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile16[a.KeyOffsets[g]:], w, s)
+			} else {
+				scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
+			}
 			for r := range rn {
 				pos := past + p0 + (r0+r)/per
 				vis0, vis1 := t0, min(t1, pos+1)
@@ -208,7 +223,11 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 					scale(pt.o[i*dv:(i+1)*dv], alpha)
 				}
 			}
-			weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			if direct {
+				weightedSumRows16(rows.dtype, rn, nt, dv, s, tile16[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			} else {
+				weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			}
 		}
 		t0 = t1
 	}
@@ -262,6 +281,49 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 		for r := r0; r < r0+rows; r++ {
 			for t := t0; t < nt; t++ {
 				axpy(s[r*nt+t], values[t*w:t*w+dv], o[r*dv:(r+1)*dv])
+			}
+		}
+	}
+}
+
+// scoresRows16 is scoresRows for 16-bit keys of dtype dt, read as stored.
+func scoresRows16(dt RowDType, rn, nt, dk int, alpha float32, q []float32, keys []uint16, w int, s []float32) {
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		j0 := 0
+		for ; j0+4 <= nt; j0 += 4 {
+			scoresBlock16SIMD(dt, rows, dk, q[r0*dk:], dk, keys[j0*w:], w, s[r0*nt+j0:], nt)
+		}
+		for r := r0; r < r0+rows; r++ {
+			for j := j0; j < nt; j++ {
+				s[r*nt+j] = dot16(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk], dt)
+			}
+		}
+	}
+	scale(s[:rn*nt], alpha)
+}
+
+// weightedSumRows16 is weightedSumRows for 16-bit values of dtype dt.
+func weightedSumRows16(dt RowDType, rn, nt, dv int, s []float32, values []uint16, w int, o []float32) {
+	var buf [512]float32
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		t0 := 0
+		for ; t0+4 <= nt; t0 += 4 {
+			wsumBlock16SIMD(dt, rows, dv, s[r0*nt+t0:], nt, values[t0*w:], w, o[r0*dv:], dv)
+		}
+		for t := t0; t < nt; t++ {
+			for c0 := 0; c0 < dv; c0 += len(buf) {
+				c1 := min(dv, c0+len(buf))
+				v := buf[:c1-c0]
+				if dt == RowBF16 {
+					widenBF16(v, values[t*w+c0:t*w+c1])
+				} else {
+					widenF16(v, values[t*w+c0:t*w+c1])
+				}
+				for r := r0; r < r0+rows; r++ {
+					axpy(s[r*nt+t], v, o[r*dv+c0:r*dv+c1])
+				}
 			}
 		}
 	}

@@ -65,6 +65,11 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 		{"mla prefill", 1, 5, 24, 16, true, 200, 0, 0, 16, RowBF16},
 		{"window decode", 2, 2, 8, 8, false, 1, 400, 37, 16, RowF32},
 		{"window prefill", 1, 4, 24, 16, true, 130, 20, 50, 16, RowBF16},
+		// Decoding reads 16-bit rows as stored (odd widths, part pages).
+		{"gqa decode bf16", 2, 3, 24, 20, false, 1, 301, 0, 32, RowBF16},
+		{"gqa decode f16 window", 2, 2, 8, 8, false, 2, 400, 37, 16, RowF16},
+		{"mla decode f16", 1, 6, 40, 32, true, 1, 999, 0, 64, RowF16},
+		{"mla decode few bf16", 1, 5, 36, 19, true, 3, 130, 0, 16, RowBF16},
 	}
 	// One scratch for every case, so that its reuse across shapes is
 	// tested; each case also runs with a fresh one.

@@ -147,9 +147,7 @@ func (r *Rows) readPage(dst []float32, p, o0, o1 int) {
 	case RowBF16:
 		widenBF16(dst, r.pages16[p][lo:hi])
 	case RowF16:
-		for j, h := range r.pages16[p][lo:hi] {
-			dst[j] = safetensors.F16ToFloat32(h)
-		}
+		widenF16(dst, r.pages16[p][lo:hi])
 	}
 }
 
@@ -162,6 +160,11 @@ func (r *Rows) page(buf []float32, p, o0, o1 int) []float32 {
 	buf = buf[:(o1-o0)*r.width]
 	r.readPage(buf, p, o0, o1)
 	return buf
+}
+
+// page16 returns rows [o0, o1) of page p of a 16-bit store as stored.
+func (r *Rows) page16(p, o0, o1 int) []uint16 {
+	return r.pages16[p][o0*r.width : o1*r.width]
 }
 
 // widenBF16 writes the float32 value of every bfloat16 in src to dst; the
