@@ -41,6 +41,10 @@ func main() {
 	gemv16Kernels()
 	rmsAVX512()
 	sumExp64AVX512()
+	for rows := 1; rows <= 6; rows++ {
+		scoresPageBF16AVX512(rows)
+		wsumPageBF16AVX512(rows)
+	}
 	for _, dt := range []string{"", "BF16", "F16"} {
 		for rows := 1; rows <= 4; rows++ {
 			scoresAVX512(rows, dt)
@@ -1078,7 +1082,9 @@ func gemv16Kernels() {
 			p("VFMADD231PS %d(SI), %s%d, %s%d", xo+vb, R, w0, R, a1)
 		}
 	}
-	gemv16(gemv16Spec{name: "gemvBF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 4, masked: true,
+	// Eight blocks (512 bytes of a row) per step on AVX-512: measured a
+	// little faster than four from memory, where decoding reads them.
+	gemv16(gemv16Spec{name: "gemvBF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 8, masked: true,
 		setup: shiftMask("Z", 31), body: bf16("Z", 64, 16, 17, 31)})
 	// AVX2's VMOVDQU32 is VMOVDQU.
 	gemv16(gemv16Spec{name: "gemvBF16AVX2", reg: "Y", block: 16, xBytes: 64, wBytes: 32, unroll: 4,
@@ -1091,7 +1097,7 @@ func gemv16Kernels() {
 		}})
 	// f16: one block into one accumulator; a step of two blocks fills a0
 	// and a1.
-	gemv16(gemv16Spec{name: "gemvF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 4, masked: true,
+	gemv16(gemv16Spec{name: "gemvF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 8, masked: true,
 		setup: func() {}, body: func(xo, wo, a0, a1 int, masked bool) {
 			if masked {
 				// The tail is under 32 halves: the first 16 under K1's
@@ -1324,4 +1330,263 @@ func load16(dt, ptr string, off, dst int, masked bool) {
 	default:
 		p("VCVTPH2PS %d(%s), Z%d", off, ptr, dst)
 	}
+}
+
+// rowReg addresses row r of a matrix at base with a byte stride held in
+// strides[0] (1·stride), strides[1] (3·stride) and strides[2] (5·stride):
+// the operand "(base)(index*scale)" or "(base)" for rows 0…5.
+func rowReg(base string, strides [3]string, r, off int) string {
+	o := ""
+	if off != 0 {
+		o = fmt.Sprint(off)
+	}
+	switch r {
+	case 0:
+		return fmt.Sprintf("%s(%s)", o, base)
+	case 1:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[0])
+	case 2:
+		return fmt.Sprintf("%s(%s)(%s*2)", o, base, strides[0])
+	case 3:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[1])
+	case 4:
+		return fmt.Sprintf("%s(%s)(%s*4)", o, base, strides[0])
+	default:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[2])
+	}
+}
+
+// strideRegs sets s[0], s[1], s[2] to 1, 3 and 5 times the stride in s[0].
+func strideRegs(s [3]string) {
+	p("LEAQ (%s)(%s*2), %s", s[0], s[0], s[1])
+	p("LEAQ (%s)(%s*4), %s", s[0], s[0], s[2])
+}
+
+// scoresPageBF16AVX512 emits, for rows = 1…6,
+//
+//	func scoresPageRxBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+//
+// s[r·lds+j] = Σ_p q[r·dk+p]·key_j[p] for r < rows, j < nt: the scores of a
+// decode step's few query rows against a page of bf16 cache rows (stride
+// ldk values), read as stored. dk is a multiple of 32 and q is
+// de-interleaved in blocks of 32 (16 even values, then 16 odd), so that a
+// 64-byte load of 32 key values splits into float32 even and odd halves
+// with one shift and one mask. Four keys at a time, each row's
+// accumulators reduced together. next, when not nil, is the same key of
+// the page to be read after this one: its lines are prefetched as this
+// page's are read, a page ahead, which hides the memory latency that the
+// hardware prefetchers leave on these short strided rows (a prefetch of
+// an address past the data is harmless).
+func scoresPageBF16AVX512(rows int) {
+	name := fmt.Sprintf("scoresPage%dxBF16AVX512", rows)
+	fmt.Fprintf(&out, "// func %s(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-64\n", name)
+	p("MOVQ nt+0(FP), DX")
+	p("MOVQ dk+8(FP), R13") // dk, later its bytes in q (×4)
+	p("MOVQ keys+24(FP), R8")
+	p("MOVQ ldk+32(FP), R11")
+	p("SHLQ $1, R11") // key stride in bytes
+	p("MOVQ s+40(FP), DI")
+	p("MOVQ lds+48(FP), R14")
+	p("SHLQ $2, R14")
+	p("MOVQ R13, BX")
+	p("SHLQ $2, BX") // q row stride in bytes
+	qs := [3]string{"BX", "R9", "R10"}
+	ks := [3]string{"R11", "R12", "R15"}
+	strideRegs(qs)
+	strideRegs(ks)
+	p("MOVL $0xffff0000, AX")
+	p("VPBROADCASTD AX, Z31")
+	// X28 = next − keys in bytes (0 without a next page: then this page's
+	// own rows are touched again, which costs nothing).
+	p("MOVQ next+56(FP), AX")
+	p("TESTQ AX, AX")
+	p("CMOVQEQ R8, AX")
+	p("SUBQ R8, AX")
+	p("VMOVQ AX, X28")
+	acc := func(r, t int) int { return r*4 + t }
+	step := func(keys int) {
+		for t := range keys {
+			p("VMOVDQU32 %s, Z29", rowReg("R8", ks, t, 0))
+			p("VPSLLD $16, Z29, Z30")
+			p("VPANDD Z31, Z29, Z29")
+			for r := range rows {
+				p("VFMADD231PS %s, Z30, Z%d", rowReg("AX", qs, r, 0), acc(r, t))
+				p("VFMADD231PS %s, Z29, Z%d", rowReg("AX", qs, r, 64), acc(r, t))
+			}
+		}
+	}
+	block := func(keys int, lbl string) {
+		for r := range rows {
+			for t := range keys {
+				p("VPXORD Z%d, Z%d, Z%d", acc(r, t), acc(r, t), acc(r, t))
+			}
+		}
+		p("MOVQ q+16(FP), AX")
+		p("MOVQ R13, CX")
+		label(lbl + "_chunk")
+		// This step's 64 bytes of the same rows of the next page.
+		p("VMOVQ X28, SI")
+		p("ADDQ R8, SI")
+		for t := range keys {
+			p("PREFETCHT0 %s", rowReg("SI", ks, t, 0))
+		}
+		step(keys)
+		p("ADDQ $128, AX")
+		p("ADDQ $64, R8")
+		p("SUBQ $32, CX")
+		p("JNZ %s_chunk", lbl)
+		// Back to the block's first value: dk values of 2 bytes.
+		p("LEAQ (R13)(R13*1), SI")
+		p("SUBQ SI, R8")
+	}
+	p("CMPQ DX, $4")
+	p("JLT %s_one", name)
+	label(name + "_four")
+	block(4, name+"_four")
+	// Each row's four sums into one 128-bit vector, stored at s[r·lds+j].
+	p("MOVQ DI, SI")
+	for r := range rows {
+		a0, a1, a2, a3 := acc(r, 0), acc(r, 1), acc(r, 2), acc(r, 3)
+		if a3 >= 16 {
+			// VHADDPS has no encoding for Z16 and up: move the row's
+			// accumulators into row 0's, reduced already.
+			for t := range 4 {
+				p("VMOVAPS Z%d, Z%d", acc(r, t), t)
+			}
+			a0, a1, a2, a3 = 0, 1, 2, 3
+		}
+		for _, a := range []int{a0, a1, a2, a3} {
+			p("VEXTRACTF64X4 $1, Z%d, Y29", a)
+			p("VADDPS Y29, Y%d, Y%d", a, a)
+		}
+		p("VHADDPS Y%d, Y%d, Y%d", a1, a0, a0)
+		p("VHADDPS Y%d, Y%d, Y%d", a3, a2, a2)
+		p("VHADDPS Y%d, Y%d, Y%d", a2, a0, a0)
+		p("VEXTRACTF32X4 $1, Y%d, X%d", a0, a1)
+		p("VADDPS X%d, X%d, X%d", a1, a0, a0)
+		p("VMOVUPS X%d, (SI)", a0)
+		p("ADDQ R14, SI")
+	}
+	p("LEAQ (R8)(R11*4), R8")
+	p("ADDQ $16, DI")
+	p("SUBQ $4, DX")
+	p("CMPQ DX, $4")
+	p("JGE %s_four", name)
+	label(name + "_one")
+	p("TESTQ DX, DX")
+	p("JEQ %s_done", name)
+	block(1, name+"_one")
+	p("MOVQ DI, SI")
+	for r := range rows {
+		a := acc(r, 0)
+		p("VEXTRACTF64X4 $1, Z%d, Y29", a)
+		p("VADDPS Y29, Y%d, Y%d", a, a)
+		p("VEXTRACTF32X4 $1, Y%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VPERMILPS $0x4e, X%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VPERMILPS $0xb1, X%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VMOVSS X%d, (SI)", a)
+		p("ADDQ R14, SI")
+	}
+	p("ADDQ R11, R8")
+	p("ADDQ $4, DI")
+	p("DECQ DX")
+	p("JMP %s_one", name)
+	label(name + "_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// wsumPageBF16AVX512 emits, for rows = 1…6,
+//
+//	func wsumPageRxBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+//
+// o[r·dv+c] += Σ_j w[r·ldw+j]·v_j[c] for r < rows, c < dv: a page of bf16
+// cache values (stride ldv values), read as stored, weighted by the
+// softmax of a decode step's few query rows. dv is a multiple of 32. For
+// each block of 32 columns the rows' outputs stay in registers while every
+// value row of the page is added in, split into even and odd columns as
+// the scores kernel splits keys; perm holds the 64 indices that
+// de-interleave o into that layout and back (see wsumPerm). next is the
+// same value of the page to be read after this one, prefetched as the
+// scores kernel prefetches keys.
+func wsumPageBF16AVX512(rows int) {
+	name := fmt.Sprintf("wsumPage%dxBF16AVX512", rows)
+	fmt.Fprintf(&out, "// func %s(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-72\n", name)
+	p("MOVQ nt+0(FP), R13")
+	p("MOVQ dv+8(FP), CX")
+	p("MOVQ ldw+24(FP), BX")
+	p("SHLQ $2, BX")
+	p("MOVQ ldv+40(FP), R11")
+	p("SHLQ $1, R11")
+	p("MOVQ o+48(FP), DI")
+	p("MOVQ DI, R12")
+	p("MOVQ perm+56(FP), AX")
+	p("VMOVDQU32 (AX), Z24")    // even indices
+	p("VMOVDQU32 64(AX), Z25")  // odd indices
+	p("VMOVDQU32 128(AX), Z26") // interleave, low half
+	p("VMOVDQU32 192(AX), Z27") // interleave, high half
+	p("MOVL $0xffff0000, AX")
+	p("VPBROADCASTD AX, Z31")
+	p("MOVQ v+32(FP), R8")
+	p("MOVQ next+64(FP), AX")
+	p("TESTQ AX, AX")
+	p("CMOVQEQ R8, AX")
+	p("SUBQ R8, AX")
+	p("VMOVQ AX, X20") // next − v in bytes
+	os := [3]string{"R14", "R15", "SI"} // o row stride dv·4 bytes
+	p("MOVQ CX, R14")
+	p("SHLQ $2, R14")
+	strideRegs(os)
+	ws := [3]string{"BX", "R9", "R10"}
+	strideRegs(ws)
+	ev := func(r int) int { return 2 * r }
+	od := func(r int) int { return 2*r + 1 }
+	label(name + "_col")
+	// Load and de-interleave the rows' 32 outputs of this block.
+	for r := range rows {
+		p("VMOVUPS %s, Z28", rowReg("R12", os, r, 0))
+		p("VMOVUPS %s, Z29", rowReg("R12", os, r, 64))
+		p("VMOVAPS Z28, Z%d", ev(r))
+		p("VPERMT2PS Z29, Z24, Z%d", ev(r))
+		p("VMOVAPS Z28, Z%d", od(r))
+		p("VPERMT2PS Z29, Z25, Z%d", od(r))
+	}
+	p("MOVQ w+16(FP), AX")
+	p("MOVQ v+32(FP), R8")
+	p("MOVQ R13, DX")
+	label(name + "_key")
+	p("VMOVQ X20, DI")
+	p("ADDQ R8, DI")
+	p("PREFETCHT0 (DI)")
+	p("VMOVDQU32 (R8), Z29")
+	p("VPSLLD $16, Z29, Z30")
+	p("VPANDD Z31, Z29, Z29")
+	for r := range rows {
+		p("VFMADD231PS.BCST %s, Z30, Z%d", rowReg("AX", ws, r, 0), ev(r))
+		p("VFMADD231PS.BCST %s, Z29, Z%d", rowReg("AX", ws, r, 0), od(r))
+	}
+	p("ADDQ $4, AX")
+	p("ADDQ R11, R8")
+	p("DECQ DX")
+	p("JNZ %s_key", name)
+	for r := range rows {
+		p("VMOVAPS Z%d, Z28", ev(r))
+		p("VPERMT2PS Z%d, Z26, Z28", od(r))
+		p("VPERMT2PS Z%d, Z27, Z%d", od(r), ev(r))
+		p("VMOVUPS Z28, %s", rowReg("R12", os, r, 0))
+		p("VMOVUPS Z%d, %s", ev(r), rowReg("R12", os, r, 64))
+	}
+	p("ADDQ $128, R12")
+	p("ADDQ $64, v+32(FP)")
+	p("SUBQ $32, CX")
+	p("JNZ %s_col", name)
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
 }

@@ -444,3 +444,108 @@ func wsumBlock16SIMD(dt RowDType, rows, n int, w []float32, ldw int, v []uint16,
 // smallBlocks16SIMD reports whether scoresBlock16SIMD and wsumBlock16SIMD
 // have vector code on this CPU.
 func smallBlocks16SIMD() bool { return hasAVX512BW }
+
+//go:noescape
+func scoresPage1xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage2xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage3xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage4xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage5xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage6xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func wsumPage1xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage2xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage3xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage4xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage5xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage6xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+// pageKernelsBF16 reports whether scoresPageBF16 and wsumPageBF16 have
+// vector code on this CPU.
+func pageKernelsBF16() bool { return hasAVX512BW }
+
+// scoresPageBF16 writes s[r·lds+j] = q_r·key_j for rows ≤ 6 query rows
+// (q prepared by prepareX16, rows dk apart) against nt bf16 keys (stride
+// ldk); dk is a multiple of 32. next, when not empty, starts the same keys
+// of the page to be read next, which are prefetched.
+func scoresPageBF16(rows, nt, dk int, q []float32, keys []uint16, ldk int, s []float32, lds int, nextKeys []uint16) {
+	_, _, _ = q[rows*dk-1], keys[(nt-1)*ldk+dk-1], s[(rows-1)*lds+nt-1]
+	var next *uint16
+	if len(nextKeys) > 0 {
+		next = &nextKeys[0]
+	}
+	switch rows {
+	case 1:
+		scoresPage1xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 2:
+		scoresPage2xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 3:
+		scoresPage3xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 4:
+		scoresPage4xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 5:
+		scoresPage5xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	default:
+		scoresPage6xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	}
+}
+
+// wsumPageBF16 adds to rows ≤ 6 output rows o (dv apart) the sums over nt
+// bf16 value rows (stride ldv) weighted by w (rows ldw apart); dv is a
+// multiple of 32. nextValues is prefetched as scoresPageBF16's nextKeys.
+func wsumPageBF16(rows, nt, dv int, w []float32, ldw int, v []uint16, ldv int, o []float32, nextValues []uint16) {
+	_, _, _ = w[(rows-1)*ldw+nt-1], v[(nt-1)*ldv+dv-1], o[rows*dv-1]
+	var next *uint16
+	if len(nextValues) > 0 {
+		next = &nextValues[0]
+	}
+	perm := &wsumPerm[0]
+	switch rows {
+	case 1:
+		wsumPage1xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 2:
+		wsumPage2xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 3:
+		wsumPage3xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 4:
+		wsumPage4xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 5:
+		wsumPage5xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	default:
+		wsumPage6xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	}
+}
+
+// wsumPerm holds the VPERMT2PS indices of wsumPageBF16: the even and the
+// odd lanes of 32 values, then the two halves that interleave them back.
+var wsumPerm = func() (p [64]int32) {
+	for i := range 16 {
+		p[i], p[16+i] = int32(2*i), int32(2*i+1)
+	}
+	for i := range 8 {
+		p[32+2*i], p[32+2*i+1] = int32(i), int32(16+i)
+		p[48+2*i], p[48+2*i+1] = int32(8+i), int32(24+i)
+	}
+	return p
+}()

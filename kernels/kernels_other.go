@@ -56,3 +56,13 @@ func wsumBlock16SIMD(dt RowDType, rows, n int, w []float32, ldw int, v []uint16,
 }
 
 func smallBlocks16SIMD() bool { return false }
+
+func pageKernelsBF16() bool { return false }
+
+func scoresPageBF16(rows, nt, dk int, q []float32, keys []uint16, ldk int, s []float32, lds int, nextKeys []uint16) {
+	panic("kernels: no vector code")
+}
+
+func wsumPageBF16(rows, nt, dv int, w []float32, ldw int, v []uint16, ldv int, o []float32, nextValues []uint16) {
+	panic("kernels: no vector code")
+}

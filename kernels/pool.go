@@ -70,6 +70,11 @@ type pool struct {
 	next    atomic.Int64
 	open    atomic.Bool
 	active  atomic.Int32
+	// waiting says the caller blocks on done for the last helper, which
+	// then sends: a helper descheduled mid-item (other processes on the
+	// cores) is not waited for by spinning against it.
+	waiting atomic.Bool
+	done    chan struct{}
 }
 
 // helper is one long-lived goroutine of the pool.
@@ -81,6 +86,9 @@ type helper struct {
 
 // run executes one call; p.mu is held.
 func (p *pool) run(threads, n int, t Task) {
+	if p.done == nil {
+		p.done = make(chan struct{}, 1)
+	}
 	for len(p.helpers) < threads-1 {
 		h := &helper{id: len(p.helpers) + 1, wake: make(chan struct{}, 1)}
 		p.helpers = append(p.helpers, h)
@@ -108,10 +116,22 @@ func (p *pool) run(threads, n int, t Task) {
 	// Every item is taken: helpers that have not joined yet must not
 	// (they would read the next call's fields), and those inside finish.
 	p.open.Store(false)
+	var start time.Time
 	for spins := 0; p.active.Load() != 0; spins++ {
-		if spins%64 == 63 {
-			runtime.Gosched()
+		if spins%256 != 255 {
+			continue
 		}
+		if start.IsZero() {
+			start = time.Now()
+		}
+		if time.Since(start) < spinFor {
+			continue
+		}
+		p.waiting.Store(true)
+		if p.active.Load() != 0 {
+			<-p.done // a stale wake-up only makes the loop look again
+		}
+		p.waiting.Store(false)
 	}
 	p.task = nil
 }
@@ -134,7 +154,12 @@ func (p *pool) serve(h *helper) {
 				t.Run(h.id, i)
 			}
 		}
-		p.active.Add(-1)
+		if p.active.Add(-1) == 0 && p.waiting.Load() {
+			select {
+			case p.done <- struct{}{}:
+			default:
+			}
+		}
 	}
 }
 

@@ -146,6 +146,9 @@ type rowPartial struct {
 // rowWorkspace is one worker's scratch.
 type rowWorkspace struct {
 	page, scores []float32
+	// qp holds a block's queries of every group prepared for the bf16 page
+	// kernels.
+	qp []float32
 }
 
 // attendBlock runs positions [p0, p1) of the new rows against context rows
@@ -171,14 +174,30 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 	if !direct {
 		ws.page = grow(ws.page, rows.pageRows*w)
 	}
+	// bf16 rows of whole 32-value blocks go through the page kernels,
+	// which want the queries de-interleaved.
+	paged := direct && rows.dtype == RowBF16 && dk%32 == 0 && dv%32 == 0 && pageKernelsBF16()
+	if paged {
+		ws.qp = grow(ws.qp, len(q)*nr*dk)
+		for g, qg := range q {
+			for i := range nr {
+				prepareX16(ws.qp[(g*nr+i)*dk:(g*nr+i+1)*dk], qg[(p0*per+i)*dk:(p0*per+i+1)*dk], RowBF16, 32)
+			}
+		}
+	}
 	ws.scores = grow(ws.scores, nr*rows.pageRows)
 	var tile []float32
-	var tile16 []uint16
+	var tile16, next16 []uint16
 	for t0 := s0; t0 < s1; {
 		pg, o0 := t0/rows.pageRows, t0%rows.pageRows
 		t1 := min(s1, (pg+1)*rows.pageRows)
 		if direct {
 			tile16 = rows.page16(pg, o0, o0+t1-t0)
+			// The page this task reads next, to be prefetched.
+			next16 = nil
+			if t1 < s1 {
+				next16 = rows.page16(pg+1, 0, 1)
+			}
 		} else {
 			tile = rows.page(ws.page, pg, o0, o0+t1-t0)
 		}
@@ -199,9 +218,15 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 		s := ws.scores[:rn*nt]
 		for g, qg := range q {
 			pt := &parts[g]
-			if direct {
+			switch {
+			case paged:
+				for c := 0; c < rn; c += 6 {
+					scoresPageBF16(min(6, rn-c), nt, dk, ws.qp[(g*nr+r0+c)*dk:], tile16[a.KeyOffsets[g]:], w, s[c*nt:], nt, offset(next16, a.KeyOffsets[g]))
+				}
+				scale(s[:rn*nt], a.Scale)
+			case direct:
 				scoresRows16(rows.dtype, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile16[a.KeyOffsets[g]:], w, s)
-			} else {
+			default:
 				scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
 			}
 			for r := range rn {
@@ -223,9 +248,14 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 					scale(pt.o[i*dv:(i+1)*dv], alpha)
 				}
 			}
-			if direct {
+			switch {
+			case paged:
+				for c := 0; c < rn; c += 6 {
+					wsumPageBF16(min(6, rn-c), nt, dv, s[c*nt:], nt, tile16[a.ValueOffsets[g]:], w, pt.o[(r0+c)*dv:], offset(next16, a.ValueOffsets[g]))
+				}
+			case direct:
 				weightedSumRows16(rows.dtype, rn, nt, dv, s, tile16[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
-			} else {
+			default:
 				weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
 			}
 		}
@@ -284,6 +314,14 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 			}
 		}
 	}
+}
+
+// offset is s[i:], or nil for an empty s.
+func offset(s []uint16, i int) []uint16 {
+	if len(s) == 0 {
+		return nil
+	}
+	return s[i:]
 }
 
 // scoresRows16 is scoresRows for 16-bit keys of dtype dt, read as stored.

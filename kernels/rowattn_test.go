@@ -70,6 +70,14 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 		{"gqa decode f16 window", 2, 2, 8, 8, false, 2, 400, 37, 16, RowF16},
 		{"mla decode f16", 1, 6, 40, 32, true, 1, 999, 0, 64, RowF16},
 		{"mla decode few bf16", 1, 5, 36, 19, true, 3, 130, 0, 16, RowBF16},
+		// bf16 rows of whole 32-value blocks: the page kernels, 1 to 6
+		// query rows at a time (8 heads: 6 + 2; 2 positions of 5: 6 + 4).
+		{"paged gqa 1 row", 3, 1, 64, 32, false, 1, 301, 0, 32, RowBF16},
+		{"paged gqa 3 rows", 2, 3, 128, 128, false, 1, 1000, 0, 128, RowBF16},
+		{"paged gqa 4 rows window", 2, 4, 32, 64, false, 1, 400, 50, 16, RowBF16},
+		{"paged mla 6 heads", 1, 6, 96, 64, true, 1, 777, 0, 64, RowBF16},
+		{"paged mla 8 heads", 1, 8, 64, 32, true, 1, 250, 0, 128, RowBF16},
+		{"paged mla 2 positions of 5", 1, 5, 64, 32, true, 2, 133, 0, 16, RowBF16},
 	}
 	// One scratch for every case, so that its reuse across shapes is
 	// tested; each case also runs with a fresh one.
