@@ -139,6 +139,7 @@ type segScratch struct {
 	// rows (decompressed MLA), which also uses latent, kv, keys and values.
 	rows, latent, kv, keys, values []float32
 	attend                         kernels.AttendScratch
+	rowTask                        rowTask
 }
 
 func grow(s []float32, n int) []float32 {
@@ -253,9 +254,6 @@ func (e *layerEngine) gqaProject(l *layerWeights, h []float32, s *scratch) {
 func (e *layerEngine) gqaAttention(segs []segment, sk, row0 int, be kernels.Backend, workers int, s *scratch) {
 	cfg := e.cfg
 	d, H, G := cfg.HeadDim, cfg.NumHeads, cfg.NumKVHeads
-	qDim, kvDim := H*d, G*d
-	n := len(s.q) / qDim
-	q, k, v := s.q, s.kv[:n*kvDim], s.kv[n*kvDim:]
 	group := H / G
 	sg, ss := segs[sk], &s.seg[sk]
 	ss.rows = grow(ss.rows, sg.n*e.rowWidth)
@@ -266,30 +264,103 @@ func (e *layerEngine) gqaAttention(segs []segment, sk, row0 int, be kernels.Back
 		ss.q[g] = grow(ss.q[g], sg.n*group*d)
 		ss.out[g] = grow(ss.out[g], sg.n*group*d)
 	}
-	for i := range sg.n {
-		r, pos := row0+i, sg.past+i
-		for head := range H {
-			qh := q[r*qDim+head*d : r*qDim+(head+1)*d]
-			e.rope.Rotate(qh, pos)
-			g := head / group
-			copy(ss.q[g][(i*group+head%group)*d:], qh)
-		}
-		row := ss.rows[i*e.rowWidth : (i+1)*e.rowWidth]
-		copy(row[:kvDim], k[r*kvDim:(r+1)*kvDim])
-		copy(row[kvDim:], v[r*kvDim:(r+1)*kvDim])
-		for g := range G {
-			e.rope.Rotate(row[g*d:(g+1)*d], pos)
-		}
-	}
+	t := &ss.rowTask
+	*t = rowTask{e: e, s: s, ss: ss, sg: sg, row0: row0, kind: gqaIn}
+	t.run(workers)
 	sg.rows.Write(sg.past, ss.rows)
 	a := e.gqa
 	a.Workers = workers
 	a.Attend(be, &ss.attend, ss.out, ss.q, sg.n, sg.past, sg.rows)
-	for i := range sg.n {
-		out := s.attnOut[(row0+i)*e.oIn:]
-		for head := range H {
-			g := head / group
-			copy(out[head*d:(head+1)*d], ss.out[g][(i*group+head%group)*d:])
+	t.kind = gqaOut
+	t.run(workers)
+	*t = rowTask{}
+}
+
+// rowTask is the per-row work of one segment's attention step around the
+// kernels: rotating and gathering the new rows (gqaIn, mlaIn) and
+// scattering the outputs (gqaOut), rows split over the cores for a
+// prefill. A struct, not a closure, so that a decode step allocates
+// nothing.
+type rowTask struct {
+	e    *layerEngine
+	s    *scratch
+	ss   *segScratch
+	sg   segment
+	row0 int
+	kind int
+}
+
+const (
+	gqaIn = iota
+	gqaOut
+	mlaIn
+)
+
+// rowsPerItem is the rows of one parallel item of a rowTask.
+const rowsPerItem = 32
+
+// run runs the task's rows: on the cores for a prefill (unless workers is
+// 1: one core per segment already), else here.
+func (t *rowTask) run(workers int) {
+	n := t.sg.n
+	if n < 2*rowsPerItem || workers == 1 {
+		t.rows(0, n)
+		return
+	}
+	kernels.Parallel(workers, (n+rowsPerItem-1)/rowsPerItem, t)
+}
+
+// Run implements kernels.Task.
+func (t *rowTask) Run(_, i int) { t.rows(i*rowsPerItem, min(t.sg.n, (i+1)*rowsPerItem)) }
+
+func (t *rowTask) rows(i0, i1 int) {
+	e, s, ss, sg := t.e, t.s, t.ss, t.sg
+	cfg := e.cfg
+	H := cfg.NumHeads
+	switch t.kind {
+	case gqaIn, gqaOut:
+		d, G := cfg.HeadDim, cfg.NumKVHeads
+		qDim, kvDim, group := H*d, G*d, H/G
+		n := len(s.q) / qDim
+		q, k, v := s.q, s.kv[:n*kvDim], s.kv[n*kvDim:]
+		for i := i0; i < i1; i++ {
+			r, pos := t.row0+i, sg.past+i
+			if t.kind == gqaOut {
+				out := s.attnOut[r*e.oIn:]
+				for head := range H {
+					g := head / group
+					copy(out[head*d:(head+1)*d], ss.out[g][(i*group+head%group)*d:])
+				}
+				continue
+			}
+			for head := range H {
+				qh := q[r*qDim+head*d : r*qDim+(head+1)*d]
+				e.rope.Rotate(qh, pos)
+				g := head / group
+				copy(ss.q[g][(i*group+head%group)*d:], qh)
+			}
+			row := ss.rows[i*e.rowWidth : (i+1)*e.rowWidth]
+			copy(row[:kvDim], k[r*kvDim:(r+1)*kvDim])
+			copy(row[kvDim:], v[r*kvDim:(r+1)*kvDim])
+			for g := range G {
+				e.rope.Rotate(row[g*d:(g+1)*d], pos)
+			}
+		}
+	case mlaIn:
+		m := cfg.MLA
+		nope, dc, w := m.QKNopeHeadDim, m.KVLoraRank, e.rowWidth
+		qk := nope + m.QKRopeHeadDim
+		qDim := H * qk
+		rotate := e.rope.Rotate
+		if m.RopeInterleave {
+			rotate = e.rope.RotateInterleaved
+		}
+		for i := i0; i < i1; i++ {
+			r, pos := t.row0+i, sg.past+i
+			rotate(s.kv[r*w+dc:(r+1)*w], pos)
+			for head := range H {
+				rotate(s.q[r*qDim+head*qk+nope:r*qDim+(head+1)*qk], pos)
+			}
 		}
 	}
 }
@@ -320,22 +391,14 @@ func (e *layerEngine) mlaProject(ml *mlaWeights, h []float32, s *scratch) {
 func (e *layerEngine) mlaAttention(ml *mlaWeights, segs []segment, sk, row0 int, be kernels.Backend, workers int, s *scratch) {
 	cfg, m := e.cfg, e.cfg.MLA
 	H := cfg.NumHeads
-	nope, dr, dc := m.QKNopeHeadDim, m.QKRopeHeadDim, m.KVLoraRank
-	qk, w := nope+dr, e.rowWidth
+	qk, w := m.QKNopeHeadDim+m.QKRopeHeadDim, e.rowWidth
 	qDim := H * qk
 	q, a := s.q, s.kv
-	rotate := e.rope.Rotate
-	if m.RopeInterleave {
-		rotate = e.rope.RotateInterleaved
-	}
 	sg := segs[sk]
-	for i := range sg.n {
-		r, pos := row0+i, sg.past+i
-		rotate(a[r*w+dc:(r+1)*w], pos)
-		for head := range H {
-			rotate(q[r*qDim+head*qk+nope:r*qDim+(head+1)*qk], pos)
-		}
-	}
+	t := &s.seg[sk].rowTask
+	*t = rowTask{e: e, s: s, ss: &s.seg[sk], sg: sg, row0: row0, kind: mlaIn}
+	t.run(workers)
+	*t = rowTask{}
 	sg.rows.Write(sg.past, a[row0*w:(row0+sg.n)*w])
 	out := s.attnOut[row0*e.oIn : (row0+sg.n)*e.oIn]
 	qs := q[row0*qDim : (row0+sg.n)*qDim]

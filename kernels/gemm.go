@@ -368,7 +368,7 @@ func parallel(threads, n, align int, f func(lo, hi int)) {
 		f(0, n)
 		return
 	}
-	Parallel(threads, threads, funcTask(func(_, t int) {
+	Parallel(threads, threads, TaskFunc(func(_, t int) {
 		lo, hi := units*t/threads*align, min(n, units*(t+1)/threads*align)
 		if lo < hi {
 			f(lo, hi)
@@ -515,7 +515,7 @@ func parallelT(threads, n int, f func(t, lo, hi int)) {
 		f(0, 0, n)
 		return
 	}
-	Parallel(threads, threads, funcTask(func(_, t int) {
+	Parallel(threads, threads, TaskFunc(func(_, t int) {
 		f(t, n*t/threads, n*(t+1)/threads)
 	}))
 }

@@ -1538,7 +1538,7 @@ func wsumPageBF16AVX512(rows int) {
 	p("TESTQ AX, AX")
 	p("CMOVQEQ R8, AX")
 	p("SUBQ R8, AX")
-	p("VMOVQ AX, X20") // next − v in bytes
+	p("VMOVQ AX, X20")                  // next − v in bytes
 	os := [3]string{"R14", "R15", "SI"} // o row stride dv·4 bytes
 	p("MOVQ CX, R14")
 	p("SHLQ $2, R14")

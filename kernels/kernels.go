@@ -63,6 +63,22 @@ func RMSNorm(dst, x, weight []float32, eps float32) {
 	if dim == 0 {
 		return
 	}
+	if rows := len(x) / dim; rows >= 2 && len(x) >= 2*parallelElems {
+		// A prefill's rows are shared by the cores; each row alone is
+		// what it would be on one.
+		per := max(1, parallelElems/dim)
+		Parallel(0, (rows+per-1)/per, TaskFunc(func(_, i int) {
+			lo, hi := i*per*dim, min(rows, (i+1)*per)*dim
+			rmsNormRows(dst[lo:hi], x[lo:hi], weight, eps)
+		}))
+		return
+	}
+	rmsNormRows(dst, x, weight, eps)
+}
+
+// rmsNormRows is RMSNorm on the calling goroutine.
+func rmsNormRows(dst, x, weight []float32, eps float32) {
+	dim := len(weight)
 	for r := 0; r+dim <= len(x); r += dim {
 		row, out := x[r:r+dim], dst[r:r+dim]
 		if rmsNormSIMD(out, row, weight, eps) {
@@ -91,6 +107,18 @@ func SwiGLU(gate, up []float32) {
 		return
 	}
 	up = up[:len(gate)]
+	if n := len(gate); n >= 2*parallelElems {
+		Parallel(0, (n+parallelElems-1)/parallelElems, TaskFunc(func(_, i int) {
+			lo, hi := i*parallelElems, min(n, (i+1)*parallelElems)
+			swiglu(gate[lo:hi], up[lo:hi])
+		}))
+		return
+	}
+	swiglu(gate, up)
+}
+
+// swiglu is SwiGLU on the calling goroutine; len(up) ≥ len(gate) > 0.
+func swiglu(gate, up []float32) {
 	if swigluSIMD(gate, up) {
 		return
 	}
@@ -99,8 +127,26 @@ func SwiGLU(gate, up []float32) {
 	}
 }
 
+// parallelElems is the element count from which the element-wise kernels
+// split a prefill's rows over the cores: below it, a decode step's single
+// rows, a call costs more than it saves.
+const parallelElems = 1 << 15
+
 // Add writes dst[i] += x[i].
 func Add(dst, x []float32) {
+	dst = dst[:len(x)]
+	if n := len(x); n >= 2*parallelElems {
+		Parallel(0, (n+parallelElems-1)/parallelElems, TaskFunc(func(_, i int) {
+			lo, hi := i*parallelElems, min(n, (i+1)*parallelElems)
+			add(dst[lo:hi], x[lo:hi])
+		}))
+		return
+	}
+	add(dst, x)
+}
+
+// add is Add on the calling goroutine.
+func add(dst, x []float32) {
 	dst = dst[:len(x)]
 	for i, v := range x {
 		dst[i] += v
@@ -165,7 +211,7 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 		be = serialBackend(be)
 	}
 	scores := make([][]float32, workers)
-	Parallel(workers, a.Heads, funcTask(func(w, h int) {
+	Parallel(workers, a.Heads, TaskFunc(func(w, h int) {
 		if scores[w] == nil {
 			scores[w] = make([]float32, min(nq, queryBlock)*total)
 		}

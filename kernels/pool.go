@@ -39,11 +39,13 @@ func Parallel(threads, n int, t Task) {
 	workers.mu.Unlock()
 }
 
-// funcTask adapts a function to a Task, for callers whose work per call
-// dwarfs one allocation.
-type funcTask func(w, i int)
+// TaskFunc adapts a function to a Task. A closure costs an allocation per
+// call, which suits work (a prefill) that dwarfs it; decode steps use
+// reused Task structs.
+type TaskFunc func(w, i int)
 
-func (f funcTask) Run(w, i int) { f(w, i) }
+// Run implements Task.
+func (f TaskFunc) Run(w, i int) { f(w, i) }
 
 // workers is the process's one set of helper goroutines. It is shared on
 // purpose: two sets would spin against each other on the same cores.

@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/safetensors"
 )
 
 // naiveRowAttention is the float64 definition: every query row against
@@ -184,6 +186,37 @@ func TestRowsStoreRoundsAndCountsPages(t *testing.T) {
 				t.Errorf("truncate: len %d bytes %d", r.Len(), r.BytesAllocated())
 			}
 		})
+	}
+}
+
+// A prefill's write, converted on all cores, stores every value as the
+// scalar conversion does, across pages, after rows already there.
+func TestRowsLargeWrite(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	for _, dt := range []RowDType{RowF32, RowBF16, RowF16} {
+		const width, rows = 40, 3001
+		r := NewRows(width, 128, dt)
+		head := randSlice(rng, 5*width)
+		r.Write(0, head)
+		src := randSlice(rng, rows*width)
+		r.Write(5, src)
+		if r.Len() != 5+rows {
+			t.Fatalf("%v: %d rows, want %d", dt, r.Len(), 5+rows)
+		}
+		got := make([]float32, (5+rows)*width)
+		r.Read(got, 0, 5+rows)
+		for i, v := range append(head, src...) {
+			want := v
+			switch dt {
+			case RowBF16:
+				want = safetensors.BF16ToFloat32(safetensors.Float32ToBF16(v))
+			case RowF16:
+				want = safetensors.F16ToFloat32(safetensors.Float32ToF16(v))
+			}
+			if got[i] != want {
+				t.Fatalf("%v: value %d stored as %v, want %v", dt, i, got[i], want)
+			}
+		}
 	}
 }
 

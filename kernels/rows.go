@@ -107,7 +107,21 @@ func (r *Rows) Write(i int, src []float32) {
 		panic(fmt.Sprintf("kernels: row write at %d leaves a gap after %d rows", i, r.n))
 	}
 	r.Reserve(i + rows)
-	for k := range rows {
+	if per := max(1, parallelElems/r.width); rows >= 2*per {
+		// A prefill's rows are converted on all cores.
+		Parallel(0, (rows+per-1)/per, TaskFunc(func(_, c int) {
+			r.writeRows(i, src, c*per, min(rows, (c+1)*per))
+		}))
+	} else {
+		r.writeRows(i, src, 0, rows)
+	}
+	r.n = i + rows
+}
+
+// writeRows stores rows [k0, k1) of src at positions i+k0…; the pages are
+// reserved.
+func (r *Rows) writeRows(i int, src []float32, k0, k1 int) {
+	for k := k0; k < k1; k++ {
 		p, o := (i+k)/r.pageRows, (i+k)%r.pageRows*r.width
 		row := src[k*r.width : (k+1)*r.width]
 		switch r.dtype {
@@ -125,7 +139,6 @@ func (r *Rows) Write(i int, src []float32) {
 			}
 		}
 	}
-	r.n = i + rows
 }
 
 // Read widens rows [i0, i1) into dst, (i1−i0)×Width values.

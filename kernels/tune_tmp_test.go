@@ -8,9 +8,9 @@ import (
 
 func BenchmarkTuneAttn(b *testing.B) {
 	type shape struct {
-		name               string
+		name                string
 		groups, per, dk, dv int
-		mla                bool
+		mla                 bool
 	}
 	for _, sh := range []shape{{"qwen", 4, 2, 64, 64, false}, {"qwen1g", 1, 2, 64, 64, false}, {"llama", 2, 3, 128, 128, false}, {"llama1g", 1, 3, 128, 128, false}, {"mla192", 1, 6, 256, 192, true}} {
 		for _, ctx := range []int{1024, 4096, 16384} {
