@@ -454,26 +454,23 @@ func (e *layerEngine) mlaAbsorbed(be kernels.Backend, workers int, ml *mlaWeight
 	ss.q[0] = grow(ss.q[0], sg.n*H*w)
 	ss.out[0] = grow(ss.out[0], sg.n*H*dc)
 	qa, lat := ss.q[0], ss.out[0]
+	if nope > 0 {
+		// qa[i, head, :dc] = q_nope[i, head] · W_UK,head (d_nope×d_c).
+		kernels.MatMulHeads(be, sg.n, q, H*qk, qk, ml.uk, false, qa, H*w, w)
+	}
 	for head := range H {
-		if nope > 0 {
-			// qa[i, head, :dc] = q_nope[i, head] · W_UK,head (d_nope×d_c).
-			kernels.MatMul(be, sg.n, q[head*qk:], H*qk, ml.uk[head], false, qa[head*w:], H*w)
-		} else {
-			for i := range sg.n {
+		for i := range sg.n {
+			if nope == 0 {
 				clear(qa[(i*H+head)*w : (i*H+head)*w+dc])
 			}
-		}
-		for i := range sg.n {
 			copy(qa[(i*H+head)*w+dc:(i*H+head+1)*w], q[i*H*qk+head*qk+nope:i*H*qk+(head+1)*qk])
 		}
 	}
 	a := e.absorbed
 	a.Workers = workers
 	a.Attend(be, &ss.attend, ss.out, ss.q, sg.n, sg.past, sg.rows)
-	for head := range H {
-		// out[i, head] = lat[i, head] · W_UV,headᵀ (d_v×d_c).
-		kernels.MatMul(be, sg.n, lat[head*dc:], H*dc, ml.uv[head], true, out[head*dv:], H*dv)
-	}
+	// out[i, head] = lat[i, head] · W_UV,headᵀ (d_v×d_c).
+	kernels.MatMulHeads(be, sg.n, lat, H*dc, dc, ml.uv, true, out, H*dv, dv)
 	if b := ml.kvb.b; b != nil {
 		for i := range sg.n {
 			for head := range H {

@@ -137,6 +137,9 @@ func TestResidentWeightsMatchFloat32(t *testing.T) {
 // A decode step on a reserved cache allocates nothing: weights of every
 // dtype, GQA and absorbed MLA.
 func TestDecodeStepAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts under the race detector mean nothing (sync.Pool drops items)")
+	}
 	ctx := context.Background()
 	for name, m := range residentCases(t) {
 		f, h := residentPair(m, safetensors.BF16)

@@ -261,3 +261,61 @@ func (g *Native) gemvProjections(threads int, x []float32, ps []Projection) {
 	t.ps = [maxProjections]Projection{}
 	gemvTasks.Put(t)
 }
+
+// MatMulHeads is MatMul for each head h of ws at once: c_h[m×n] =
+// a_h·op(ws[h]) with a_h = a[h·aStep:] and c_h = c[h·cStep:] (row strides
+// lda and ldc), as the absorbed MLA path multiplies every head's query by
+// its W_UK and every head's latent by its W_UV. Single rows of 16-bit
+// weights run as one parallel pass, a head per item; all else head by
+// head through MatMul.
+func MatMulHeads(be Backend, m int, a []float32, lda, aStep int, ws []Mat, transW bool, c []float32, ldc, cStep int) {
+	g, threads, native := nativeOf(be)
+	if m != 1 || !native || len(ws) == 0 || ws[0].dtype == RowF32 {
+		for h, w := range ws {
+			MatMul(be, m, a[h*aStep:], lda, w, transW, c[h*cStep:], ldc)
+		}
+		return
+	}
+	t := headTasks.Get().(*headTask)
+	*t = headTask{kern: g.kern(), a: a, aStep: aStep, ws: ws, trans: transW, c: c, cStep: cStep, xp: t.xp}
+	for len(t.xp) < threads {
+		t.xp = append(t.xp, nil)
+	}
+	Parallel(threads, len(ws), t)
+	*t = headTask{xp: t.xp}
+	headTasks.Put(t)
+}
+
+// headTask is a MatMulHeads pass, one item per head; reused through
+// headTasks.
+type headTask struct {
+	kern         *gemmKernel
+	a, c         []float32
+	aStep, cStep int
+	ws           []Mat
+	trans        bool
+	// xp holds each worker's prepared input.
+	xp [][]float32
+}
+
+var headTasks = sync.Pool{New: func() any { return &headTask{} }}
+
+// Run implements Task.
+func (t *headTask) Run(w, h int) {
+	m := t.ws[h]
+	n, k := m.cols, m.rows
+	if t.trans {
+		n, k = m.rows, m.cols
+	}
+	x, y := t.a[h*t.aStep:h*t.aStep+k], t.c[h*t.cStep:h*t.cStep+n]
+	if !t.trans {
+		gemvN16(m, x, y)
+		return
+	}
+	var xp []float32
+	if s := simd16; s != nil {
+		t.xp[w] = prepareX16(grow(t.xp[w], (k+s.block-1)/s.block*s.block), x, m.dtype, s.block)
+		xp = t.xp[w]
+	}
+	gemvRows(t.kern, m, x, xp, 0, m.rows, nil, y)
+}
