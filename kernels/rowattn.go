@@ -66,7 +66,7 @@ func (a RowAttention) Attend(be Backend, s *AttendScratch, out, q [][]float32, n
 	// cores busy and there is enough context to share.
 	pages := (total + rows.pageRows - 1) / rows.pageRows
 	splits := 1
-	if blocks < workers && pages >= 2*workers {
+	if blocks < workers && pages >= workers {
 		splits = max(1, workers/blocks)
 	}
 	tasks := blocks * splits
