@@ -164,6 +164,8 @@ type gemmBuf struct {
 	a, b []float32
 	edge []float32
 	x    []float32
+	// wide holds rows of a 16-bit B widened for packing.
+	wide []float32
 }
 
 func (g *Native) getBuf() *gemmBuf {
@@ -480,8 +482,11 @@ func (g *Native) blocked(threads int, kern *gemmKernel, transA bool, m, n, k int
 			if overwrite && pc == 0 {
 				ow = 1
 			}
-			parallel(threads, bPanels, 1, func(p0, p1 int) {
-				packB(kern, bp, b, pc, jc, kc, nc, nr, p0*nr, min(nc, p1*nr))
+			parallelT(threads, bPanels, func(t, p0, p1 int) {
+				if b.isMat {
+					bufs[t].wide = grow(bufs[t].wide, 16*kc)
+				}
+				packB(kern, bp, b, pc, jc, kc, nc, nr, p0*nr, min(nc, p1*nr), bufs[t].wide)
 			})
 			if splitRows {
 				parallelT(threads, rowPanels, func(t, r0, r1 int) {
@@ -555,9 +560,8 @@ func macro(kern *gemmKernel, kc, mc, nc, j0, j1 int, alpha float32, ap, bp, c []
 // steps of nr values, zero-padding the last panel; only the panels of
 // columns j0..j1 of the block (j0 a multiple of nr). 16-bit values are
 // widened on the way, exactly, so the panels are those of the float32
-// matrix.
-func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, j1 int) {
-	var wide [16 * kcBlock]float32 // rows of a 16-bit Bᵀ, widened
+// matrix; wide (16·kc values) holds the rows of a 16-bit Bᵀ widened.
+func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, j1 int, wide []float32) {
 	for jr := j0; jr < j1; jr += nr {
 		w := min(nr, nc-jr)
 		pan := dst[jr*kc : jr*kc+kc*nr]
@@ -568,7 +572,7 @@ func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, 
 				for i := range rows {
 					b.mat.widen(wide[i*kc:(i+1)*kc], jc+jr+j+i, pc, pc+kc)
 				}
-				kern.interleave(kc, wide[:], kc, rows, pan[j:], nr)
+				kern.interleave(kc, wide, kc, rows, pan[j:], nr)
 			}
 		case b.isMat:
 			for p := range kc {

@@ -271,8 +271,18 @@ const smallRows = 16
 // scoresRows writes s[r·nt+j] = alpha·q_r·key_j for rn query rows (stride
 // dk) against nt keys (stride w).
 func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w int, s []float32) {
-	if rn > smallRows || !smallBlocksSIMD() {
+	if rn > smallRows {
 		be.Gemm(false, true, rn, nt, dk, alpha, q, dk, keys, w, 0, s, nt)
+		return
+	}
+	if !smallBlocksSIMD() {
+		// Portable code: plain dot products, no packing (and nothing
+		// allocated per decode step).
+		for r := range rn {
+			for j := range nt {
+				s[r*nt+j] = alpha * dotGo(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk])
+			}
+		}
 		return
 	}
 	for r0 := 0; r0 < rn; r0 += 4 {
@@ -298,8 +308,16 @@ func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w 
 // weightedSumRows adds s·V to o: rn rows of weights over nt cached values
 // (stride w) of dv values each.
 func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o []float32) {
-	if rn > smallRows || !smallBlocksSIMD() {
+	if rn > smallRows {
 		be.Gemm(false, false, rn, dv, nt, 1, s, nt, values, w, 1, o, dv)
+		return
+	}
+	if !smallBlocksSIMD() {
+		for r := range rn {
+			for t := range nt {
+				axpy(s[r*nt+t], values[t*w:t*w+dv], o[r*dv:(r+1)*dv])
+			}
+		}
 		return
 	}
 	for r0 := 0; r0 < rn; r0 += 4 {
@@ -314,6 +332,23 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 			}
 		}
 	}
+}
+
+// dotGo is Σ x[i]·y[i] with four partial sums, the portable dot product.
+func dotGo(x, y []float32) float32 {
+	y = y[:len(x)]
+	var s0, s1, s2, s3 float32
+	i := 0
+	for ; i+4 <= len(x); i += 4 {
+		s0 += x[i] * y[i]
+		s1 += x[i+1] * y[i+1]
+		s2 += x[i+2] * y[i+2]
+		s3 += x[i+3] * y[i+3]
+	}
+	for ; i < len(x); i++ {
+		s0 += x[i] * y[i]
+	}
+	return (s0 + s1) + (s2 + s3)
 }
 
 // offset is s[i:], or nil for an empty s.
