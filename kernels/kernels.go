@@ -84,11 +84,19 @@ func rmsNormRows(dst, x, weight []float32, eps float32) {
 		if rmsNormSIMD(out, row, weight, eps) {
 			continue
 		}
-		var ss float32
-		for _, v := range row {
-			ss += v * v
+		// Four partial sums, as the vector code keeps several.
+		var s0, s1, s2, s3 float32
+		i := 0
+		for ; i+4 <= dim; i += 4 {
+			s0 += row[i] * row[i]
+			s1 += row[i+1] * row[i+1]
+			s2 += row[i+2] * row[i+2]
+			s3 += row[i+3] * row[i+3]
 		}
-		inv := rmsInv(ss, dim, eps)
+		for ; i < dim; i++ {
+			s0 += row[i] * row[i]
+		}
+		inv := rmsInv((s0+s1)+(s2+s3), dim, eps)
 		for i, v := range row {
 			out[i] = weight[i] * (v * inv)
 		}

@@ -82,7 +82,7 @@ func TestLinear(t *testing.T) {
 // with outputs poisoned first.
 func TestRMSNormAndSwiGLU(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
-	for _, sh := range []struct{ rows, dim int }{{3, 8}, {2, 17}, {5, 100}, {120, 768}, {1, 65537 * 2}} {
+	for _, sh := range []struct{ rows, dim int }{{3, 8}, {2, 17}, {5, 100}, {120, 768}, {1, 70001}} {
 		x, w := randSlice(rng, sh.rows*sh.dim), randSlice(rng, sh.dim)
 		dst, check := poisoned(len(x))
 		RMSNorm(dst, x, w, 1e-5)
