@@ -1425,11 +1425,12 @@ func scoresPageBF16AVX512(rows int) {
 		p("MOVQ q+16(FP), AX")
 		p("MOVQ R13, CX")
 		label(lbl + "_chunk")
-		// This step's 64 bytes of the same rows of the next page.
+		// This step's 64 bytes of the same rows of the next page, into L2:
+		// a page's keys of one group fill L1 by themselves.
 		p("VMOVQ X28, SI")
 		p("ADDQ R8, SI")
 		for t := range keys {
-			p("PREFETCHT0 %s", rowReg("SI", ks, t, 0))
+			p("PREFETCHT1 %s", rowReg("SI", ks, t, 0))
 		}
 		step(keys)
 		p("ADDQ $128, AX")
@@ -1563,7 +1564,7 @@ func wsumPageBF16AVX512(rows int) {
 	label(name + "_key")
 	p("VMOVQ X20, DI")
 	p("ADDQ R8, DI")
-	p("PREFETCHT0 (DI)")
+	p("PREFETCHT1 (DI)")
 	p("VMOVDQU32 (R8), Z29")
 	p("VPSLLD $16, Z29, Z30")
 	p("VPANDD Z31, Z29, Z29")
