@@ -234,8 +234,8 @@ func (p *profileAccumulator) add(x []float32, rows int) {
 	if len(p.e) < rows {
 		p.e = make([]float64, rows)
 	}
-	kernels.Linear(p.be, p.q, p.xq, p.l.Q.W, p.l.Q.B, nq, H*d, D)
-	kernels.Linear(p.be, p.k, x, p.l.K.W, p.l.K.B, rows, G*d, D)
+	kernels.Linear(p.be, p.q, p.xq, kernels.MatF32(H*d, D, p.l.Q.W), p.l.Q.B, nq)
+	kernels.Linear(p.be, p.k, x, kernels.MatF32(G*d, D, p.l.K.W), p.l.K.B, rows)
 	for i := range nq {
 		for h := range H {
 			p.table.Rotate(p.q[(i*H+h)*d:(i*H+h+1)*d], i*profileQueryStride)

@@ -3,7 +3,10 @@ package eval
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"testing"
+
+	"github.com/transmla/transmla/internal/sharedtest"
 
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
@@ -90,6 +93,51 @@ func BenchmarkMLAPaths(b *testing.B) {
 					}
 				})
 			}
+		}
+	}
+}
+
+// BenchmarkDecodeStep decodes one token after 0, 1024 and 4096 cached
+// positions of each shared model, weights resident as stored (bf16) and a
+// bf16 cache, as `transmla bench` does; -cpuprofile on it shows where a
+// decode step's time goes.
+func BenchmarkDecodeStep(b *testing.B) {
+	for _, name := range []string{"llama-gqa-25m", "qwen2-gqa-16m"} {
+		dir := sharedtest.Path(b, filepath.Join("models", name))
+		m, err := model.LoadWith(context.Background(), dir, model.LoadOptions{KeepDType: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, depth := range []int{0, 1024, 4096} {
+			b.Run(fmt.Sprintf("%s/depth%d", name, depth), func(b *testing.B) {
+				r, err := NewRunnerWith(m, kernels.NewNative(), Options{MaxPositions: depth + 64, CacheDType: kernels.RowBF16})
+				if err != nil {
+					b.Fatal(err)
+				}
+				c := r.NewCache()
+				c.Reserve(depth + 64)
+				ids := make([]int, depth+1)
+				for i := range ids {
+					ids[i] = (i * 7919) % m.Config.VocabSize
+				}
+				logits, err := r.Forward(context.Background(), c, ids[:max(depth, 1)], false)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if depth == 0 {
+					c.Reset()
+				}
+				tok := []int{5}
+				for b.Loop() {
+					if c.Len() >= depth+63 {
+						c.Truncate(depth)
+					}
+					if logits, err = r.ForwardInto(context.Background(), c, tok, false, logits); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "tokens/s")
+			})
 		}
 	}
 }

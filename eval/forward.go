@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
@@ -15,8 +16,12 @@ import (
 // state, so one Runner may serve several sequences (one KVCache each).
 type Runner struct {
 	model *model.Model
+	w     *modelWeights
 	layer *layerEngine
 	opts  Options
+	// scratch holds *scratch buffers of finished calls, so that a decode
+	// step reuses the last one's instead of allocating.
+	scratch sync.Pool
 }
 
 // Options configures a Runner.
@@ -37,7 +42,9 @@ func NewRunner(m *model.Model, be kernels.Backend, maxPos int) (*Runner, error) 
 	return NewRunnerWith(m, be, Options{MaxPositions: maxPos})
 }
 
-// NewRunnerWith prepares a runner with explicit options.
+// NewRunnerWith prepares a runner with explicit options. The model's
+// weights are used where they are, float32 or 16-bit (a model loaded with
+// model.LoadOptions.KeepDType): nothing is copied.
 func NewRunnerWith(m *model.Model, be kernels.Backend, opts Options) (*Runner, error) {
 	if opts.MaxPositions <= 0 {
 		return nil, fmt.Errorf("runner: max positions %d must be positive", opts.MaxPositions)
@@ -54,11 +61,26 @@ func NewRunnerWith(m *model.Model, be kernels.Backend, opts Options) (*Runner, e
 	if err != nil {
 		return nil, err
 	}
-	return &Runner{model: m, layer: e, opts: opts}, nil
+	w, err := prepareModel(m)
+	if err != nil {
+		return nil, err
+	}
+	return &Runner{model: m, w: w, layer: e, opts: opts}, nil
 }
 
 // MaxPositions is the longest sequence the runner accepts.
 func (r *Runner) MaxPositions() int { return r.layer.rope.Len() }
+
+// WeightBytesPerToken is the weight bytes one decode step reads: every
+// layer's projections and the LM head, in their resident dtypes (the
+// embedding row and the norms are negligible).
+func (r *Runner) WeightBytesPerToken() int64 {
+	b := r.w.head.w.Bytes()
+	for i := range r.w.layers {
+		b += r.w.layers[i].bytes()
+	}
+	return b
+}
 
 // KVCache holds one sequence's cached rows, one kernels.Rows per layer:
 // keys and values for GQA layers, [c_KV | k_R] for MLA layers. Pages are
@@ -111,7 +133,8 @@ func (c *KVCache) RowBytes() int64 {
 
 // Embed returns the embeddings of tokens (len(tokens)×HiddenSize).
 func (r *Runner) Embed(tokens []int) ([]float32, error) {
-	return EmbedTokens(r.model.Config, r.model.Embed, tokens)
+	x := make([]float32, len(tokens)*r.model.Config.HiddenSize)
+	return x, r.w.embedInto(x, tokens)
 }
 
 // EmbedTokens looks tokens up in embed (VocabSize×HiddenSize of cfg) and
@@ -121,25 +144,29 @@ func EmbedTokens(cfg model.Config, embed []float32, tokens []int) ([]float32, er
 	if len(embed) != cfg.VocabSize*D {
 		return nil, fmt.Errorf("embed: table has %d values, want %d×%d", len(embed), cfg.VocabSize, D)
 	}
+	w := modelWeights{embed: kernels.MatF32(cfg.VocabSize, D, embed)}
 	x := make([]float32, len(tokens)*D)
-	for i, t := range tokens {
-		if t < 0 || t >= cfg.VocabSize {
-			return nil, fmt.Errorf("forward: token id %d out of range [0, %d)", t, cfg.VocabSize)
-		}
-		copy(x[i*D:(i+1)*D], embed[t*D:(t+1)*D])
-	}
-	return x, nil
+	return x, w.embedInto(x, tokens)
 }
 
 // Logits applies the final RMSNorm with weight norm to the rows×HiddenSize
 // hidden states (in place) and then the LM head, returning rows×VocabSize.
 func Logits(be kernels.Backend, cfg model.Config, norm []float32, head model.Linear, hidden []float32, rows int) []float32 {
+	h, err := newProj(head, "lm_head", cfg.VocabSize, cfg.HiddenSize)
+	if err != nil {
+		panic(err)
+	}
+	return logitsInto(be, cfg, norm, h, hidden, rows, nil)
+}
+
+// logitsInto is Logits into dst (grown when short), which it returns.
+func logitsInto(be kernels.Backend, cfg model.Config, norm []float32, head proj, hidden []float32, rows int, dst []float32) []float32 {
 	D := cfg.HiddenSize
 	hidden = hidden[:rows*D]
 	kernels.RMSNorm(hidden, hidden, norm, float32(cfg.RMSNormEps))
-	logits := make([]float32, rows*cfg.VocabSize)
-	kernels.Linear(be, logits, hidden, head.W, head.B, rows, cfg.VocabSize, D)
-	return logits
+	dst = grow(dst, rows*cfg.VocabSize)
+	kernels.Linear(be, dst, hidden, head.w, head.b, rows)
+	return dst
 }
 
 // Forward runs tokens at positions cache.Len()… through the model, appends
@@ -147,11 +174,23 @@ func Logits(be kernels.Backend, cfg model.Config, norm []float32, head model.Lin
 // VocabSize per token when allLogits, else only the last token's row.
 // ctx is checked between layers, so a long prefill can be interrupted.
 func (r *Runner) Forward(ctx context.Context, cache *KVCache, tokens []int, allLogits bool) ([]float32, error) {
-	out, err := r.ForwardBatch(ctx, []*KVCache{cache}, [][]int{tokens}, allLogits)
-	if err != nil {
+	return r.ForwardInto(ctx, cache, tokens, allLogits, nil)
+}
+
+// ForwardInto is Forward writing the logits into dst, grown when too
+// short, and returning it: with a dst of the right size and a cache whose
+// pages are reserved, a decode step allocates nothing.
+func (r *Runner) ForwardInto(ctx context.Context, cache *KVCache, tokens []int, allLogits bool, dst []float32) ([]float32, error) {
+	s := r.getScratch()
+	defer r.scratch.Put(s)
+	s.caches[0], s.tokens[0], s.logits[0] = cache, tokens, dst
+	if err := r.forward(ctx, s, s.caches[:1], s.tokens[:1], allLogits, s.logits[:1]); err != nil {
+		s.caches[0], s.tokens[0], s.logits[0] = nil, nil, nil
 		return nil, err
 	}
-	return out[0], nil
+	out := s.logits[0]
+	s.caches[0], s.tokens[0], s.logits[0] = nil, nil, nil
+	return out, nil
 }
 
 // ForwardBatch is Forward for several sequences at once, each with its own
@@ -159,71 +198,99 @@ func (r *Runner) Forward(ctx context.Context, cache *KVCache, tokens []int, allL
 // weight for the batch, which is what makes batched decoding pay), the
 // attention per sequence.
 func (r *Runner) ForwardBatch(ctx context.Context, caches []*KVCache, tokens [][]int, allLogits bool) ([][]float32, error) {
-	m := r.model
-	e := r.layer
+	return r.ForwardBatchInto(ctx, caches, tokens, allLogits, nil)
+}
+
+// ForwardBatchInto is ForwardBatch writing sequence i's logits into dst[i]
+// (grown when too short; dst itself grown to the batch) and returning dst.
+func (r *Runner) ForwardBatchInto(ctx context.Context, caches []*KVCache, tokens [][]int, allLogits bool, dst [][]float32) ([][]float32, error) {
 	if len(caches) != len(tokens) || len(caches) == 0 {
 		return nil, fmt.Errorf("forward: %d caches for %d sequences", len(caches), len(tokens))
 	}
-	segs := make([]segment, len(tokens))
-	var all []int
-	seen := make(map[*KVCache]int, len(caches))
+	if len(dst) < len(tokens) {
+		dst = append(dst, make([][]float32, len(tokens)-len(dst))...)
+	}
+	s := r.getScratch()
+	defer r.scratch.Put(s)
+	if err := r.forward(ctx, s, caches, tokens, allLogits, dst[:len(tokens)]); err != nil {
+		return nil, err
+	}
+	return dst[:len(tokens)], nil
+}
+
+func (r *Runner) getScratch() *scratch {
+	if s, ok := r.scratch.Get().(*scratch); ok {
+		return s
+	}
+	return &scratch{}
+}
+
+// forward runs the batch through the model and writes each sequence's
+// logits into out[i] (grown when short).
+func (r *Runner) forward(ctx context.Context, s *scratch, caches []*KVCache, tokens [][]int, allLogits bool, out [][]float32) error {
+	m, e := r.model, r.layer
+	if len(s.segs) < len(tokens) {
+		s.segs = make([]segment, len(tokens))
+	}
+	segs := s.segs[:len(tokens)]
+	all := s.all[:0]
 	for i, t := range tokens {
 		c := caches[i]
 		if len(t) == 0 {
-			return nil, fmt.Errorf("forward: sequence %d has no tokens", i)
+			return fmt.Errorf("forward: sequence %d has no tokens", i)
 		}
 		if c == nil {
-			return nil, fmt.Errorf("forward: the cache of sequence %d is nil; make one with NewCache", i)
+			return fmt.Errorf("forward: the cache of sequence %d is nil; make one with NewCache", i)
 		}
 		// Two sequences writing the same rows would corrupt each other.
-		if j, dup := seen[c]; dup {
-			return nil, fmt.Errorf("forward: sequences %d and %d share one cache; give each its own", j, i)
+		for j, o := range caches[:i] {
+			if o == c {
+				return fmt.Errorf("forward: sequences %d and %d share one cache; give each its own", j, i)
+			}
 		}
-		seen[c] = i
 		if len(c.layers) != len(m.Layers) {
-			return nil, fmt.Errorf("forward: cache of sequence %d has %d layers, the model %d", i, len(c.layers), len(m.Layers))
+			return fmt.Errorf("forward: cache of sequence %d has %d layers, the model %d", i, len(c.layers), len(m.Layers))
 		}
 		if w := c.layers[0].Width(); w != e.rowWidth {
-			return nil, fmt.Errorf("forward: cache of sequence %d holds rows of %d values, this model's layers write %d (a cache of another model?)", i, w, e.rowWidth)
+			return fmt.Errorf("forward: cache of sequence %d holds rows of %d values, this model's layers write %d (a cache of another model?)", i, w, e.rowWidth)
 		}
 		if c.len+len(t) > c.cap {
-			return nil, fmt.Errorf("forward: %d positions exceed the cache capacity %d", c.len+len(t), c.cap)
+			return fmt.Errorf("forward: %d positions exceed the cache capacity %d", c.len+len(t), c.cap)
 		}
 		if c.len+len(t) > r.MaxPositions() {
-			return nil, fmt.Errorf("forward: %d positions exceed the runner's %d", c.len+len(t), r.MaxPositions())
+			return fmt.Errorf("forward: %d positions exceed the runner's %d", c.len+len(t), r.MaxPositions())
 		}
 		segs[i] = segment{past: c.len, n: len(t)}
 		all = append(all, t...)
 	}
-	x, err := r.Embed(all)
-	if err != nil {
-		return nil, err
+	s.all = all
+	D := m.Config.HiddenSize
+	s.x = grow(s.x, len(all)*D)
+	x := s.x
+	if err := r.w.embedInto(x, all); err != nil {
+		return err
 	}
-	s := &scratch{}
-	for li := range m.Layers {
+	for li := range r.w.layers {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return err
 		}
 		for i := range segs {
 			segs[i].rows = caches[i].layers[li]
 		}
-		if err := e.step(&m.Layers[li], x, segs, s, nil); err != nil {
-			return nil, fmt.Errorf("layer %d: %w", li, err)
-		}
+		e.step(&r.w.layers[li], x, segs, s, nil)
 	}
-	D := m.Config.HiddenSize
-	out := make([][]float32, len(tokens))
 	row := 0
 	for i, sg := range segs {
 		caches[i].len = sg.past + sg.n
+		segs[i].rows = nil
 		hidden, rows := x[row*D:(row+sg.n)*D], sg.n
 		if !allLogits {
 			hidden, rows = hidden[(sg.n-1)*D:], 1
 		}
-		out[i] = Logits(e.be, m.Config, m.Norm, m.LMHead, hidden, rows)
+		out[i] = logitsInto(e.be, m.Config, r.w.norm, r.w.head, hidden, rows, out[i])
 		row += sg.n
 	}
-	return out, nil
+	return nil
 }
 
 // LayerRunner runs single decoder layers on batches of independent
@@ -263,6 +330,10 @@ func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float
 	if seqs < 0 || len(hidden) != seqs*T*D {
 		return fmt.Errorf("layer runner: %d hidden values for %d sequences of %d×%d", len(hidden), seqs, T, D)
 	}
+	lw, err := prepareLayer(e.cfg, l)
+	if err != nil {
+		return err
+	}
 	s := &scratch{}
 	rows := kernels.NewRows(e.rowWidth, kernels.DefaultPageRows, kernels.RowF32)
 	for i := range seqs {
@@ -270,9 +341,8 @@ func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float
 			return err
 		}
 		rows.Truncate(0)
-		if err := e.step(l, hidden[i*T*D:(i+1)*T*D], []segment{{rows: rows, n: T}}, s, observe); err != nil {
-			return err
-		}
+		s.segs = append(s.segs[:0], segment{rows: rows, n: T})
+		e.step(&lw, hidden[i*T*D:(i+1)*T*D], s.segs, s, observe)
 	}
 	return nil
 }
@@ -316,7 +386,8 @@ func (r *Runner) AttentionProbe(c *KVCache, li int) (run func(), bytes int64, er
 		out[g] = make([]float32, a.PerPosition*a.ValueDim)
 	}
 	bytes = int64(c.len) * int64(rows.Width()*rows.DType().Bytes())
-	return func() { a.Attend(e.be, out, q, 1, c.len-1, rows) }, bytes, nil
+	scratch := &kernels.AttendScratch{}
+	return func() { a.Attend(e.be, scratch, out, q, 1, c.len-1, rows) }, bytes, nil
 }
 
 // Truncate forgets the positions from n on, so that a benchmark or a

@@ -29,11 +29,13 @@ func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) (
 		return nil, fmt.Errorf("generate: prompt %d + %d new tokens need %d positions, which exceed the runner's %d", len(prompt), opt.MaxTokens, need, r.MaxPositions())
 	}
 	cache := r.NewCache()
+	cache.Reserve(len(prompt) + opt.MaxTokens)
 	logits, err := r.Forward(ctx, cache, prompt, false)
 	if err != nil {
 		return nil, err
 	}
-	var out []int
+	out := make([]int, 0, opt.MaxTokens)
+	step := []int{0}
 	for len(out) < opt.MaxTokens {
 		if err := ctx.Err(); err != nil {
 			return out, err
@@ -43,7 +45,10 @@ func Greedy(ctx context.Context, r *Runner, prompt []int, opt GenerateOptions) (
 		if slices.Contains(opt.StopIDs, next) || len(out) == opt.MaxTokens {
 			break
 		}
-		if logits, err = r.Forward(ctx, cache, []int{next}, false); err != nil {
+		// The step's logits go where the last ones were: no allocation
+		// per token.
+		step[0] = next
+		if logits, err = r.ForwardInto(ctx, cache, step, false, logits); err != nil {
 			return out, err
 		}
 	}

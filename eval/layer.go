@@ -3,7 +3,6 @@ package eval
 import (
 	"fmt"
 	"runtime"
-	"sync"
 
 	"github.com/transmla/transmla/kernels"
 	"github.com/transmla/transmla/model"
@@ -115,12 +114,23 @@ type segment struct {
 	past, n int
 }
 
-// scratch holds one step's intermediate rows; buffers grow on demand and
-// are reused across layers and calls.
+// scratch holds one call's intermediate rows; buffers grow on demand and
+// are reused across layers and, through the Runner's pool, across calls,
+// so that a decode step allocates nothing.
 type scratch struct {
 	h, q, attnOut, gate, up, kv []float32
 	// Per segment: gathered queries and outputs of the row attention.
 	seg []segScratch
+	// The call's segments, their tokens and embedded rows, and the
+	// one-sequence batch of ForwardInto.
+	segs   []segment
+	all    []int
+	x      []float32
+	caches [1]*KVCache
+	tokens [1][]int
+	logits [1][]float32
+	// seq runs a step's segments in parallel.
+	seq segmentTask
 }
 
 type segScratch struct {
@@ -128,6 +138,8 @@ type segScratch struct {
 	// rows holds the segment's new cache rows (GQA) or all its widened
 	// rows (decompressed MLA), which also uses latent, kv, keys and values.
 	rows, latent, kv, keys, values []float32
+	attend                         kernels.AttendScratch
+	rowTask                        rowTask
 }
 
 func grow(s []float32, n int) []float32 {
@@ -141,107 +153,186 @@ func grow(s []float32, n int) []float32 {
 // rows one after another. The new keys and values are written to each
 // segment's cache rows before attention reads them. observe, when not nil,
 // sees the normed attention input of all rows.
-func (e *layerEngine) step(l *model.Layer, x []float32, segs []segment, s *scratch, observe func([]float32, int)) error {
+func (e *layerEngine) step(l *layerWeights, x []float32, segs []segment, s *scratch, observe func([]float32, int)) {
 	cfg, be := e.cfg, e.be
 	D, I := cfg.HiddenSize, cfg.IntermediateSize
 	eps := float32(cfg.RMSNormEps)
-	if (l.MLA != nil) != (cfg.MLA != nil) {
-		return fmt.Errorf("layer has MLA weights %v but the config says MLA %v", l.MLA != nil, cfg.MLA != nil)
-	}
 	n := 0
 	for _, sg := range segs {
 		n += sg.n
 	}
 	s.h = grow(s.h, n*D)
 	h := s.h
-	kernels.RMSNorm(h, x, l.AttnNorm, eps)
+	kernels.RMSNorm(h, x, l.attnNorm, eps)
 	if observe != nil {
 		observe(h, n)
 	}
 	s.attnOut = grow(s.attnOut, n*e.oIn)
 	if len(s.seg) < len(segs) {
-		s.seg = make([]segScratch, len(segs))
+		s.seg = append(s.seg, make([]segScratch, len(segs)-len(s.seg))...)
 	}
-	if l.MLA != nil {
-		e.mla(l.MLA, h, segs, s)
+	if l.mla != nil {
+		e.mlaProject(l.mla, h, s)
 	} else {
-		e.gqaAttention(l, h, segs, s)
+		e.gqaProject(l, h, s)
 	}
-	kernels.Linear(be, h, s.attnOut, l.O.W, l.O.B, n, D, e.oIn)
+	e.eachSegment(l, segs, s)
+	kernels.Linear(be, h, s.attnOut, l.o.w, l.o.b, n)
 	kernels.Add(x, h)
 
-	kernels.RMSNorm(h, x, l.MLPNorm, eps)
+	kernels.RMSNorm(h, x, l.mlpNorm, eps)
 	s.gate, s.up = grow(s.gate, n*I), grow(s.up, n*I)
-	kernels.Linear(be, s.gate, h, l.Gate.W, l.Gate.B, n, I, D)
-	kernels.Linear(be, s.up, h, l.Up.W, l.Up.B, n, I, D)
+	kernels.Project(be, h, n,
+		kernels.Projection{W: l.gate.w, B: l.gate.b, Dst: s.gate},
+		kernels.Projection{W: l.up.w, B: l.up.b, Dst: s.up})
 	kernels.SwiGLU(s.gate, s.up)
-	kernels.Linear(be, h, s.gate, l.Down.W, l.Down.B, n, D, I)
+	kernels.Linear(be, h, s.gate, l.down.w, l.down.b, n)
 	kernels.Add(x, h)
-	return nil
 }
 
-// eachSegment runs f for every segment: one after the other, each using
-// every core, or — for batches of short steps (decoding) — in parallel,
-// one segment per core.
-func (e *layerEngine) eachSegment(segs []segment, f func(k, row0 int, be kernels.Backend, workers int)) {
-	starts := make([]int, len(segs))
+// segmentTask is the attention of one step, one item per segment.
+type segmentTask struct {
+	e      *layerEngine
+	l      *layerWeights
+	segs   []segment
+	starts []int
+	s      *scratch
+	be     kernels.Backend
+	// workers is the cores each segment's attention may use (0: all).
+	workers int
+}
+
+// Run implements kernels.Task.
+func (t *segmentTask) Run(_, k int) {
+	if t.l.mla != nil {
+		t.e.mlaAttention(t.l.mla, t.segs, k, t.starts[k], t.be, t.workers, t.s)
+	} else {
+		t.e.gqaAttention(t.segs, k, t.starts[k], t.be, t.workers, t.s)
+	}
+}
+
+// eachSegment runs the attention of every segment: one after the other,
+// each using every core, or — for batches of short steps (decoding) — in
+// parallel, one segment per core.
+func (e *layerEngine) eachSegment(l *layerWeights, segs []segment, s *scratch) {
+	t := &s.seq
+	t.starts = t.starts[:0]
 	row := 0
-	for k, sg := range segs {
-		starts[k] = row
+	for _, sg := range segs {
+		t.starts = append(t.starts, row)
 		row += sg.n
 	}
+	t.e, t.l, t.segs, t.s, t.be, t.workers = e, l, segs, s, e.be, 0
 	cores := runtime.GOMAXPROCS(0)
 	if len(segs) < 2 || row > 8*len(segs) || cores < 2 {
 		for k := range segs {
-			f(k, starts[k], e.be, 0)
+			t.Run(0, k)
 		}
-		return
+	} else {
+		t.be, t.workers = kernels.Serial(e.be), 1
+		kernels.Parallel(cores, len(segs), t)
 	}
-	serial := kernels.Serial(e.be)
-	next := make(chan int, len(segs))
-	for k := range segs {
-		next <- k
-	}
-	close(next)
-	var wg sync.WaitGroup
-	for range min(cores, len(segs)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for k := range next {
-				f(k, starts[k], serial, 1)
-			}
-		}()
-	}
-	wg.Wait()
+	t.e, t.l, t.segs, t.s, t.be = nil, nil, nil, nil, nil
 }
 
-// gqaAttention projects the normed rows h to rotated queries, keys and
-// values, appends the keys and values to the caches and attends.
-func (e *layerEngine) gqaAttention(l *model.Layer, h []float32, segs []segment, s *scratch) {
-	cfg, be := e.cfg, e.be
+// gqaProject projects the normed rows h to queries, keys and values.
+func (e *layerEngine) gqaProject(l *layerWeights, h []float32, s *scratch) {
+	cfg := e.cfg
 	D, d, H, G := cfg.HiddenSize, cfg.HeadDim, cfg.NumHeads, cfg.NumKVHeads
 	n := len(h) / D
 	qDim, kvDim := H*d, G*d
 	s.q = grow(s.q, n*qDim)
 	s.kv = grow(s.kv, 2*n*kvDim)
-	q, k, v := s.q, s.kv[:n*kvDim], s.kv[n*kvDim:]
-	kernels.Linear(be, q, h, l.Q.W, l.Q.B, n, qDim, D)
-	kernels.Linear(be, k, h, l.K.W, l.K.B, n, kvDim, D)
-	kernels.Linear(be, v, h, l.V.W, l.V.B, n, kvDim, D)
+	kernels.Project(e.be, h, n,
+		kernels.Projection{W: l.q.w, B: l.q.b, Dst: s.q},
+		kernels.Projection{W: l.k.w, B: l.k.b, Dst: s.kv[:n*kvDim]},
+		kernels.Projection{W: l.v.w, B: l.v.b, Dst: s.kv[n*kvDim:]})
+}
+
+// gqaAttention rotates segment sk's queries and keys, appends its keys and
+// values to its cache and attends.
+func (e *layerEngine) gqaAttention(segs []segment, sk, row0 int, be kernels.Backend, workers int, s *scratch) {
+	cfg := e.cfg
+	d, H, G := cfg.HeadDim, cfg.NumHeads, cfg.NumKVHeads
 	group := H / G
-	e.eachSegment(segs, func(sk, row0 int, be kernels.Backend, workers int) {
-		sg, ss := segs[sk], &s.seg[sk]
-		ss.rows = grow(ss.rows, sg.n*e.rowWidth)
-		if len(ss.q) != G {
-			ss.q, ss.out = make([][]float32, G), make([][]float32, G)
-		}
-		for g := range G {
-			ss.q[g] = grow(ss.q[g], sg.n*group*d)
-			ss.out[g] = grow(ss.out[g], sg.n*group*d)
-		}
-		for i := range sg.n {
-			r, pos := row0+i, sg.past+i
+	sg, ss := segs[sk], &s.seg[sk]
+	ss.rows = grow(ss.rows, sg.n*e.rowWidth)
+	if len(ss.q) != G {
+		ss.q, ss.out = make([][]float32, G), make([][]float32, G)
+	}
+	for g := range G {
+		ss.q[g] = grow(ss.q[g], sg.n*group*d)
+		ss.out[g] = grow(ss.out[g], sg.n*group*d)
+	}
+	t := &ss.rowTask
+	*t = rowTask{e: e, s: s, ss: ss, sg: sg, row0: row0, kind: gqaIn}
+	t.run(workers)
+	sg.rows.Write(sg.past, ss.rows)
+	a := e.gqa
+	a.Workers = workers
+	a.Attend(be, &ss.attend, ss.out, ss.q, sg.n, sg.past, sg.rows)
+	t.kind = gqaOut
+	t.run(workers)
+	*t = rowTask{}
+}
+
+// rowTask is the per-row work of one segment's attention step around the
+// kernels: rotating and gathering the new rows (gqaIn, mlaIn) and
+// scattering the outputs (gqaOut), rows split over the cores for a
+// prefill. A struct, not a closure, so that a decode step allocates
+// nothing.
+type rowTask struct {
+	e    *layerEngine
+	s    *scratch
+	ss   *segScratch
+	sg   segment
+	row0 int
+	kind int
+}
+
+const (
+	gqaIn = iota
+	gqaOut
+	mlaIn
+)
+
+// rowsPerItem is the rows of one parallel item of a rowTask.
+const rowsPerItem = 32
+
+// run runs the task's rows: on the cores for a prefill (unless workers is
+// 1: one core per segment already), else here.
+func (t *rowTask) run(workers int) {
+	n := t.sg.n
+	if n < 2*rowsPerItem || workers == 1 {
+		t.rows(0, n)
+		return
+	}
+	kernels.Parallel(workers, (n+rowsPerItem-1)/rowsPerItem, t)
+}
+
+// Run implements kernels.Task.
+func (t *rowTask) Run(_, i int) { t.rows(i*rowsPerItem, min(t.sg.n, (i+1)*rowsPerItem)) }
+
+func (t *rowTask) rows(i0, i1 int) {
+	e, s, ss, sg := t.e, t.s, t.ss, t.sg
+	cfg := e.cfg
+	H := cfg.NumHeads
+	switch t.kind {
+	case gqaIn, gqaOut:
+		d, G := cfg.HeadDim, cfg.NumKVHeads
+		qDim, kvDim, group := H*d, G*d, H/G
+		n := len(s.q) / qDim
+		q, k, v := s.q, s.kv[:n*kvDim], s.kv[n*kvDim:]
+		for i := i0; i < i1; i++ {
+			r, pos := t.row0+i, sg.past+i
+			if t.kind == gqaOut {
+				out := s.attnOut[r*e.oIn:]
+				for head := range H {
+					g := head / group
+					copy(out[head*d:(head+1)*d], ss.out[g][(i*group+head%group)*d:])
+				}
+				continue
+			}
 			for head := range H {
 				qh := q[r*qDim+head*d : r*qDim+(head+1)*d]
 				e.rope.Rotate(qh, pos)
@@ -255,64 +346,67 @@ func (e *layerEngine) gqaAttention(l *model.Layer, h []float32, segs []segment, 
 				e.rope.Rotate(row[g*d:(g+1)*d], pos)
 			}
 		}
-		sg.rows.Write(sg.past, ss.rows)
-		a := e.gqa
-		a.Workers = workers
-		a.Attend(be, ss.out, ss.q, sg.n, sg.past, sg.rows)
-		for i := range sg.n {
-			out := s.attnOut[(row0+i)*e.oIn:]
+	case mlaIn:
+		m := cfg.MLA
+		nope, dc, w := m.QKNopeHeadDim, m.KVLoraRank, e.rowWidth
+		qk := nope + m.QKRopeHeadDim
+		qDim := H * qk
+		rotate := e.rope.Rotate
+		if m.RopeInterleave {
+			rotate = e.rope.RotateInterleaved
+		}
+		for i := i0; i < i1; i++ {
+			r, pos := t.row0+i, sg.past+i
+			rotate(s.kv[r*w+dc:(r+1)*w], pos)
 			for head := range H {
-				g := head / group
-				copy(out[head*d:(head+1)*d], ss.out[g][(i*group+head%group)*d:])
+				rotate(s.q[r*qDim+head*qk+nope:r*qDim+(head+1)*qk], pos)
 			}
 		}
-	})
+	}
 }
 
-// mla projects the normed rows h to queries [q_nope | q_rope] per head and
-// to the cached row [c_KV | k_R] (c_KV RMS-normed when the layer has
-// kv_a_layernorm, k_R rotated), appends the rows to the caches and attends
-// by the absorbed or the decompressed path.
-func (e *layerEngine) mla(ml *model.MLALayer, h []float32, segs []segment, s *scratch) {
-	cfg, be, m := e.cfg, e.be, e.cfg.MLA
+// mlaProject projects the normed rows h to queries [q_nope | q_rope] per
+// head and to the cached row [c_KV | k_R] (c_KV RMS-normed when the layer
+// has kv_a_layernorm; the RoPE parts are rotated per segment).
+func (e *layerEngine) mlaProject(ml *mlaWeights, h []float32, s *scratch) {
+	cfg, m := e.cfg, e.cfg.MLA
 	D, H := cfg.HiddenSize, cfg.NumHeads
-	nope, dr, dc := m.QKNopeHeadDim, m.QKRopeHeadDim, m.KVLoraRank
-	qk, w := nope+dr, e.rowWidth
+	dc, w := m.KVLoraRank, e.rowWidth
 	n := len(h) / D
-	qDim := H * qk
-	s.q = grow(s.q, n*qDim)
+	s.q = grow(s.q, n*H*(m.QKNopeHeadDim+m.QKRopeHeadDim))
 	s.kv = grow(s.kv, n*w)
+	kernels.Project(e.be, h, n,
+		kernels.Projection{W: ml.q.w, B: ml.q.b, Dst: s.q},
+		kernels.Projection{W: ml.kva.w, B: ml.kva.b, Dst: s.kv})
+	if ml.kvaNorm != nil {
+		for i := range n {
+			row := s.kv[i*w : i*w+dc]
+			kernels.RMSNorm(row, row, ml.kvaNorm, float32(cfg.RMSNormEps))
+		}
+	}
+}
+
+// mlaAttention rotates segment sk's RoPE parts, appends its rows to its
+// cache and attends by the absorbed or the decompressed path.
+func (e *layerEngine) mlaAttention(ml *mlaWeights, segs []segment, sk, row0 int, be kernels.Backend, workers int, s *scratch) {
+	cfg, m := e.cfg, e.cfg.MLA
+	H := cfg.NumHeads
+	qk, w := m.QKNopeHeadDim+m.QKRopeHeadDim, e.rowWidth
+	qDim := H * qk
 	q, a := s.q, s.kv
-	kernels.Linear(be, q, h, ml.Q.W, ml.Q.B, n, qDim, D)
-	kernels.Linear(be, a, h, ml.KVA.W, ml.KVA.B, n, w, D)
-	rotate := e.rope.Rotate
-	if m.RopeInterleave {
-		rotate = e.rope.RotateInterleaved
+	sg := segs[sk]
+	t := &s.seg[sk].rowTask
+	*t = rowTask{e: e, s: s, ss: &s.seg[sk], sg: sg, row0: row0, kind: mlaIn}
+	t.run(workers)
+	*t = rowTask{}
+	sg.rows.Write(sg.past, a[row0*w:(row0+sg.n)*w])
+	out := s.attnOut[row0*e.oIn : (row0+sg.n)*e.oIn]
+	qs := q[row0*qDim : (row0+sg.n)*qDim]
+	if e.absorb(sg.n, sg.past) {
+		e.mlaAbsorbed(be, workers, ml, qs, sg, &s.seg[sk], out)
+	} else {
+		e.mlaDecompressed(be, ml, qs, sg, &s.seg[sk], out)
 	}
-	for i := range n {
-		row := a[i*w : (i+1)*w]
-		if ml.KVANorm != nil {
-			kernels.RMSNorm(row[:dc], row[:dc], ml.KVANorm, float32(cfg.RMSNormEps))
-		}
-	}
-	e.eachSegment(segs, func(sk, row0 int, be kernels.Backend, workers int) {
-		sg := segs[sk]
-		for i := range sg.n {
-			r, pos := row0+i, sg.past+i
-			rotate(a[r*w+dc:(r+1)*w], pos)
-			for head := range H {
-				rotate(q[r*qDim+head*qk+nope:r*qDim+(head+1)*qk], pos)
-			}
-		}
-		sg.rows.Write(sg.past, a[row0*w:(row0+sg.n)*w])
-		out := s.attnOut[row0*e.oIn : (row0+sg.n)*e.oIn]
-		qs := q[row0*qDim : (row0+sg.n)*qDim]
-		if e.absorb(sg.n, sg.past) {
-			e.mlaAbsorbed(be, workers, ml, qs, sg, &s.seg[sk], out)
-		} else {
-			e.mlaDecompressed(be, ml, qs, sg, &s.seg[sk], out)
-		}
-	})
 }
 
 // absorb reports whether a step of n new positions after past cached ones
@@ -349,7 +443,7 @@ func mlaAbsorbedCheaper(cfg model.Config, n, past int) bool {
 // sum of c_KV in latent space, then W_UV,h and the value bias. The key bias
 // of kv_b_proj adds q_nope,h·b_k,h to every score of a query, which the
 // softmax cancels, so it is dropped.
-func (e *layerEngine) mlaAbsorbed(be kernels.Backend, workers int, ml *model.MLALayer, q []float32, sg segment, ss *segScratch, out []float32) {
+func (e *layerEngine) mlaAbsorbed(be kernels.Backend, workers int, ml *mlaWeights, q []float32, sg segment, ss *segScratch, out []float32) {
 	cfg, m := e.cfg, e.cfg.MLA
 	H := cfg.NumHeads
 	nope, dr, dc, dv := m.QKNopeHeadDim, m.QKRopeHeadDim, m.KVLoraRank, m.VHeadDim
@@ -360,27 +454,24 @@ func (e *layerEngine) mlaAbsorbed(be kernels.Backend, workers int, ml *model.MLA
 	ss.q[0] = grow(ss.q[0], sg.n*H*w)
 	ss.out[0] = grow(ss.out[0], sg.n*H*dc)
 	qa, lat := ss.q[0], ss.out[0]
+	if nope > 0 {
+		// qa[i, head, :dc] = q_nope[i, head] · W_UK,head (d_nope×d_c).
+		kernels.MatMulHeads(be, sg.n, q, H*qk, qk, ml.uk, false, qa, H*w, w)
+	}
 	for head := range H {
-		if nope > 0 {
-			// qa[i, head, :dc] = q_nope[i, head] · W_UK,head (d_nope×d_c).
-			be.Gemm(false, false, sg.n, dc, nope, 1, q[head*qk:], H*qk, ml.KVB.W[head*kvb*dc:], dc, 0, qa[head*w:], H*w)
-		} else {
-			for i := range sg.n {
+		for i := range sg.n {
+			if nope == 0 {
 				clear(qa[(i*H+head)*w : (i*H+head)*w+dc])
 			}
-		}
-		for i := range sg.n {
 			copy(qa[(i*H+head)*w+dc:(i*H+head+1)*w], q[i*H*qk+head*qk+nope:i*H*qk+(head+1)*qk])
 		}
 	}
 	a := e.absorbed
 	a.Workers = workers
-	a.Attend(be, ss.out, ss.q, sg.n, sg.past, sg.rows)
-	for head := range H {
-		// out[i, head] = lat[i, head] · W_UV,headᵀ (d_v×d_c).
-		be.Gemm(false, true, sg.n, dv, dc, 1, lat[head*dc:], H*dc, ml.KVB.W[(head*kvb+nope)*dc:], dc, 0, out[head*dv:], H*dv)
-	}
-	if b := ml.KVB.B; b != nil {
+	a.Attend(be, &ss.attend, ss.out, ss.q, sg.n, sg.past, sg.rows)
+	// out[i, head] = lat[i, head] · W_UV,headᵀ (d_v×d_c).
+	kernels.MatMulHeads(be, sg.n, lat, H*dc, dc, ml.uv, true, out, H*dv, dv)
+	if b := ml.kvb.b; b != nil {
 		for i := range sg.n {
 			for head := range H {
 				kernels.Add(out[i*H*dv+head*dv:i*H*dv+(head+1)*dv], b[head*kvb+nope:(head+1)*kvb])
@@ -392,7 +483,7 @@ func (e *layerEngine) mlaAbsorbed(be kernels.Backend, workers int, ml *model.MLA
 // mlaDecompressed expands every visible position's cached latent with
 // kv_b_proj into per-head keys [k_nope,h | k_R] and values, and runs
 // multi-head attention on them.
-func (e *layerEngine) mlaDecompressed(be kernels.Backend, ml *model.MLALayer, q []float32, sg segment, ss *segScratch, out []float32) {
+func (e *layerEngine) mlaDecompressed(be kernels.Backend, ml *mlaWeights, q []float32, sg segment, ss *segScratch, out []float32) {
 	cfg, m := e.cfg, e.cfg.MLA
 	H := cfg.NumHeads
 	nope, dr, dc, dv := m.QKNopeHeadDim, m.QKRopeHeadDim, m.KVLoraRank, m.VHeadDim
@@ -407,7 +498,7 @@ func (e *layerEngine) mlaDecompressed(be kernels.Backend, ml *model.MLALayer, q 
 	}
 	ss.kv = grow(ss.kv, total*H*kvb)
 	kv := ss.kv
-	kernels.Linear(be, kv, ss.latent, ml.KVB.W, ml.KVB.B, total, H*kvb, dc)
+	kernels.Linear(be, kv, ss.latent, ml.kvb.w, ml.kvb.b, total)
 	ss.keys = grow(ss.keys, total*H*qk)
 	ss.values = grow(ss.values, total*H*dv)
 	keys, values := ss.keys, ss.values

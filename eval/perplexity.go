@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"math"
 	"time"
+
+	"github.com/transmla/transmla/kernels"
 )
 
 // PerplexityOptions sets the windowing protocol.
@@ -52,22 +54,27 @@ func Perplexity(ctx context.Context, r *Runner, ids []int, opt PerplexityOptions
 	if windows == 0 {
 		return res, fmt.Errorf("perplexity: %d tokens do not fill one window of %d", len(ids), opt.Ctx)
 	}
-	vocab := r.model.Config.VocabSize
 	cache := r.NewCache()
 	start := time.Now()
 	var nll float64
+	var logits []float32
+	score := &nllTask{vocab: r.model.Config.VocabSize, nll: make([]float64, opt.Ctx-1)}
 	for w := range windows {
 		if err := ctx.Err(); err != nil {
 			return res, err
 		}
 		win := ids[w*opt.Ctx : (w+1)*opt.Ctx]
 		cache.Reset()
-		logits, err := r.Forward(ctx, cache, win, true)
-		if err != nil {
+		var err error
+		if logits, err = r.ForwardInto(ctx, cache, win, true, logits); err != nil {
 			return res, fmt.Errorf("window %d: %w", w, err)
 		}
-		for i := 1; i < opt.Ctx; i++ {
-			nll += NegLogLikelihood(logits[(i-1)*vocab:i*vocab], win[i])
+		// Positions are scored in parallel and summed in order, so the
+		// total is what one loop over them gives.
+		score.logits, score.targets = logits, win[1:]
+		kernels.Parallel(0, (len(score.nll)+nllRows-1)/nllRows, score)
+		for _, v := range score.nll {
+			nll += v
 		}
 		if opt.Progress != nil {
 			opt.Progress(w+1, windows)
@@ -88,13 +95,25 @@ func Perplexity(ctx context.Context, r *Runner, ids []int, opt PerplexityOptions
 
 // NegLogLikelihood is −log softmax(logits)[target], computed in float64.
 func NegLogLikelihood(logits []float32, target int) float64 {
-	m := math.Inf(-1)
-	for _, v := range logits {
-		m = math.Max(m, float64(v))
+	m := kernels.MaxOf(logits)
+	return float64(m) + math.Log(kernels.SumExp64(logits, m)) - float64(logits[target])
+}
+
+// nllRows is how many positions one parallel item of nllTask scores.
+const nllRows = 64
+
+// nllTask scores the positions of one window: nll[i] is the negative
+// log-likelihood of targets[i] under row i of logits.
+type nllTask struct {
+	vocab   int
+	logits  []float32
+	targets []int
+	nll     []float64
+}
+
+// Run implements kernels.Task.
+func (t *nllTask) Run(_, item int) {
+	for i := item * nllRows; i < min(len(t.nll), (item+1)*nllRows); i++ {
+		t.nll[i] = NegLogLikelihood(t.logits[i*t.vocab:(i+1)*t.vocab], t.targets[i])
 	}
-	var sum float64
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - m)
-	}
-	return m + math.Log(sum) - float64(logits[target])
 }

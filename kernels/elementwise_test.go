@@ -137,3 +137,31 @@ func TestRMSNormEmptyWeight(t *testing.T) {
 		t.Errorf("dst %v changed", dst)
 	}
 }
+
+// SumExp64 against float64 math.Exp term by term, for lengths around the
+// vector widths, logits near the maximum and far below it (down to where
+// e^x underflows), and a NaN, which must come out as NaN.
+func TestSumExp64(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 14))
+	for _, n := range []int{1, 3, 7, 8, 9, 15, 16, 17, 31, 100, 4096, 4101} {
+		for _, spread := range []float64{1, 30, 800} {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(spread * rng.NormFloat64())
+			}
+			m := MaxOf(x)
+			var want float64
+			for _, v := range x {
+				want += math.Exp(float64(v) - float64(m))
+			}
+			got := SumExp64(x, m)
+			if e := math.Abs(got-want) / want; !(e < 1e-14) {
+				t.Errorf("n %d spread %v: %v, want %v (relative error %.3g)", n, spread, got, want, e)
+			}
+		}
+	}
+	x := []float32{1, 2, float32(math.NaN()), 3, 4, 5, 6, 7, 8, 9}
+	if s := SumExp64(x, 9); !math.IsNaN(s) {
+		t.Errorf("a NaN logit gives %v", s)
+	}
+}

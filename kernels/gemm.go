@@ -16,17 +16,37 @@ type gemmKernel struct {
 	// Callers guarantee len(a) ≥ kc·mr, len(b) ≥ kc·nr and
 	// len(c) ≥ (mr-1)·ldc+nr: the assembly does not check.
 	tile func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int)
-	// dot4 writes out[r] = Σ_{p<q} x[p]·b[r·ldb+p] for r < 4 and returns q,
-	// the prefix of k it covered (k itself, or less for tails it leaves to
-	// the caller). Callers guarantee k > 0 and len(b) ≥ 3·ldb+k.
-	dot4 func(k int, x, b []float32, ldb int, out *[4]float32) int
+	// simd names the vector code of dot4 (see dot4Arch); none for the
+	// portable kernel.
+	simd simdLevel
 	// interleave writes dst[p·dstStride+i] = src[i·ld+p] for p < kc and
 	// i < rows: the transposing copy of panel packing.
 	interleave func(kc int, src []float32, ld, rows int, dst []float32, dstStride int)
 }
 
 // goKernel is the portable micro-kernel, for CPUs without AVX2.
-var goKernel = &gemmKernel{name: "generic", mr: 4, nr: 8, tile: tileGo, dot4: dot4Go, interleave: interleaveGo}
+var goKernel = &gemmKernel{name: "generic", mr: 4, nr: 8, tile: tileGo, interleave: interleaveGo}
+
+// simdLevel names a family of vector kernels.
+type simdLevel int
+
+const (
+	simdNone simdLevel = iota
+	simdAVX2
+	simdAVX512
+)
+
+// dot4 writes out[r] = Σ_{p<q} x[p]·b[r·ldb+p] for r < 4 and returns q,
+// the prefix of k it covered (k itself, or less for tails it leaves to
+// the caller). Callers guarantee k > 0 and len(b) ≥ 3·ldb+k. It is a
+// direct call, not a function value, so that out can stay on the
+// caller's stack.
+func (kern *gemmKernel) dot4(k int, x, b []float32, ldb int, out *[4]float32) int {
+	if q, ok := dot4Arch(kern.simd, k, x, b, ldb, out); ok {
+		return q
+	}
+	return dot4Go(k, x, b, ldb, out)
+}
 
 func interleaveGo(kc int, src []float32, ld, rows int, dst []float32, dstStride int) {
 	for i := range rows {
@@ -144,6 +164,8 @@ type gemmBuf struct {
 	a, b []float32
 	edge []float32
 	x    []float32
+	// wide holds rows of a 16-bit B widened for packing.
+	wide []float32
 }
 
 func (g *Native) getBuf() *gemmBuf {
@@ -162,11 +184,15 @@ func grow(s []float32, n int) []float32 {
 
 // Gemm implements Backend.
 func (g *Native) Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	threads := g.Threads
-	if threads <= 0 {
-		threads = runtime.GOMAXPROCS(0)
+	g.gemm(g.threads(), transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+// threads is the goroutines one product may use.
+func (g *Native) threads() int {
+	if g.Threads > 0 {
+		return g.Threads
 	}
-	g.gemm(threads, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	return runtime.GOMAXPROCS(0)
 }
 
 func checkGemm(transA, transB bool, m, n, k int, a []float32, lda int, b []float32, ldb int, c []float32, ldc int) {
@@ -181,17 +207,33 @@ func checkGemm(transA, transB bool, m, n, k int, a []float32, lda int, b []float
 	if transB {
 		br, bc = n, k
 	}
-	need := func(what string, s []float32, rows, cols, ld int) {
-		if rows == 0 || cols == 0 {
-			return
-		}
-		if (rows > 1 && ld < cols) || len(s) < (rows-1)*ld+cols {
-			panic(fmt.Sprintf("kernels: gemm %s of %d×%d with stride %d needs %d values, has %d", what, rows, cols, ld, (rows-1)*ld+cols, len(s)))
-		}
+	need("A", len(a), ar, ac, lda)
+	if b != nil {
+		need("B", len(b), br, bc, ldb)
 	}
-	need("A", a, ar, ac, lda)
-	need("B", b, br, bc, ldb)
-	need("C", c, m, n, ldc)
+	need("C", len(c), m, n, ldc)
+}
+
+// need panics unless a matrix of rows×cols with stride ld fits in size
+// values.
+func need(what string, size, rows, cols, ld int) {
+	if rows == 0 || cols == 0 {
+		return
+	}
+	if (rows > 1 && ld < cols) || size < (rows-1)*ld+cols {
+		panic(fmt.Sprintf("kernels: gemm %s of %d×%d with stride %d needs %d values, has %d", what, rows, cols, ld, (rows-1)*ld+cols, size))
+	}
+}
+
+// bOperand is the B of a product: a float32 matrix with stride ld, or a
+// Mat, whose values are widened as they are packed; trans says op(B) is
+// its transpose.
+type bOperand struct {
+	trans bool
+	f32   []float32
+	ld    int
+	mat   Mat
+	isMat bool
 }
 
 func (g *Native) gemm(threads int, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
@@ -208,8 +250,7 @@ func (g *Native) gemm(threads int, transA, transB bool, m, n, k int, alpha float
 	}
 	overwrite := beta == 0
 	kern := g.kern()
-	work := int64(m) * int64(n) * int64(k) // overflows int on 32-bit targets
-	threads = int(max(1, min(int64(threads), work/minWorkPerThread)))
+	threads = workThreads(threads, m, n, k)
 
 	// One row of op(A) against B: matrix-vector products, no packing.
 	if m == 1 {
@@ -223,26 +264,105 @@ func (g *Native) gemm(threads int, transA, transB bool, m, n, k int, alpha float
 			}
 			x = xbuf.x
 		}
+		t := gemvF32Tasks.Get().(*gemvF32Task)
+		*t = gemvF32Task{kern: kern, trans: transB, n: n, k: k, alpha: alpha, x: x, b: b, ldb: ldb, overwrite: overwrite, c: c[:n], align: 64}
 		if transB {
-			parallel(threads, n, 4, func(j0, j1 int) {
-				gemvT(kern, j1-j0, k, alpha, x, b[j0*ldb:], ldb, overwrite, c[j0:j1])
-			})
-		} else {
-			parallel(threads, n, 64, func(j0, j1 int) {
-				gemvN(j1-j0, k, alpha, x, b[j0:], ldb, overwrite, c[j0:j1])
-			})
+			t.align = 4
 		}
+		t.items = min(threads, (n+t.align-1)/t.align)
+		Parallel(threads, t.items, t)
+		*t = gemvF32Task{}
+		gemvF32Tasks.Put(t)
 		if xbuf != nil {
 			g.bufs.Put(xbuf)
 		}
 		return
 	}
 
-	g.blocked(threads, kern, transA, transB, m, n, k, alpha, a, lda, b, ldb, overwrite, c, ldc)
+	g.blocked(threads, kern, transA, m, n, k, alpha, a, lda, bOperand{trans: transB, f32: b, ld: ldb}, overwrite, c, ldc)
+}
+
+// workThreads bounds threads so that each has minWorkPerThread
+// multiply-adds of an m×n×k product.
+func workThreads(threads, m, n, k int) int {
+	work := int64(m) * int64(n) * int64(k) // overflows int on 32-bit targets
+	return int(max(1, min(int64(threads), work/minWorkPerThread)))
+}
+
+// gemvF32Task is a float32 matrix-vector product split into items of
+// contiguous output ranges (multiples of align); reused through
+// gemvF32Tasks, so that it allocates nothing.
+type gemvF32Task struct {
+	kern         *gemmKernel
+	trans        bool
+	n, k         int
+	alpha        float32
+	x, b, c      []float32
+	ldb          int
+	overwrite    bool
+	align, items int
+}
+
+var gemvF32Tasks = sync.Pool{New: func() any { return &gemvF32Task{} }}
+
+// Run implements Task.
+func (t *gemvF32Task) Run(_, i int) {
+	units := (t.n + t.align - 1) / t.align
+	j0 := units * i / t.items * t.align
+	j1 := min(t.n, units*(i+1)/t.items*t.align)
+	if j0 >= j1 {
+		return
+	}
+	if t.trans {
+		gemvT(t.kern, j1-j0, t.k, t.alpha, t.x, t.b[j0*t.ldb:], t.ldb, t.overwrite, t.c[j0:j1])
+	} else {
+		gemvN(j1-j0, t.k, t.alpha, t.x, t.b[j0:], t.ldb, t.overwrite, t.c[j0:j1])
+	}
+}
+
+// gemmMat computes c[m×n] = a[m×k]·op(w) with up to threads goroutines
+// (see MatMul).
+func (g *Native) gemmMat(threads, m int, a []float32, lda int, w Mat, transW bool, c []float32, ldc int) {
+	n, k := w.cols, w.rows
+	if transW {
+		n, k = w.rows, w.cols
+	}
+	checkGemm(false, transW, m, n, k, a, lda, nil, 0, c, ldc)
+	if m == 0 || n == 0 {
+		return
+	}
+	if k == 0 {
+		scaleC(m, n, 0, c, ldc)
+		return
+	}
+	if m == 1 {
+		if transW {
+			g.gemvProjections(threads, a[:k], []Projection{{W: w, Dst: c[:n]}})
+		} else {
+			gemvN16(w, a[:k], c[:n])
+		}
+		return
+	}
+	g.blocked(workThreads(threads, m, n, k), g.kern(), false, m, n, k, 1, a, lda, bOperand{trans: transW, mat: w, isMat: true}, true, c, ldc)
+}
+
+// gemvN16 writes y = Σ_p x[p]·w[p] over the rows of a 16-bit w (len(x)
+// rows of len(y) values): each row is widened in pieces and added in.
+func gemvN16(w Mat, x, y []float32) {
+	var buf [256]float32
+	for j0 := 0; j0 < len(y); j0 += len(buf) {
+		j1 := min(len(y), j0+len(buf))
+		out, tmp := y[j0:j1], buf[:j1-j0]
+		clear(out)
+		for p, xv := range x {
+			w.widen(tmp, p, j0, j1)
+			axpy(xv, tmp, out)
+		}
+	}
 }
 
 // parallel runs f over [0,n) cut into at most threads contiguous ranges
-// whose bounds are multiples of align.
+// whose bounds are multiples of align, on the worker pool.
 func parallel(threads, n, align int, f func(lo, hi int)) {
 	units := (n + align - 1) / align
 	threads = min(threads, units)
@@ -250,25 +370,12 @@ func parallel(threads, n, align int, f func(lo, hi int)) {
 		f(0, n)
 		return
 	}
-	var wg sync.WaitGroup
-	lo := 0
-	for t := range threads {
-		hi := min(n, lo+(units*(t+1)/threads-units*t/threads)*align)
-		if t == threads-1 {
-			hi = n
-		}
-		if t == threads-1 {
+	Parallel(threads, threads, TaskFunc(func(_, t int) {
+		lo, hi := units*t/threads*align, min(n, units*(t+1)/threads*align)
+		if lo < hi {
 			f(lo, hi)
-			break
 		}
-		wg.Add(1)
-		go func(lo, hi int) {
-			defer wg.Done()
-			f(lo, hi)
-		}(lo, hi)
-		lo = hi
-	}
-	wg.Wait()
+	}))
 }
 
 // scaleC sets C = beta·C, writing zeros (not 0·NaN) when beta is 0.
@@ -346,7 +453,7 @@ func axpy(a float32, x, y []float32) {
 // goroutines pack a share of its panels each, then each computes a share
 // of C: its own rows (packing its own A) when there are rows enough, else
 // its own columns of B against an A packed together beforehand.
-func (g *Native) blocked(threads int, kern *gemmKernel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, overwrite bool, c []float32, ldc int) {
+func (g *Native) blocked(threads int, kern *gemmKernel, transA bool, m, n, k int, alpha float32, a []float32, lda int, b bOperand, overwrite bool, c []float32, ldc int) {
 	mr, nr := kern.mr, kern.nr
 	kcMax := min(kcBlock, k)
 	ncMax := min(ncBlock, (n+nr-1)/nr*nr)
@@ -375,8 +482,11 @@ func (g *Native) blocked(threads int, kern *gemmKernel, transA, transB bool, m, 
 			if overwrite && pc == 0 {
 				ow = 1
 			}
-			parallel(threads, bPanels, 1, func(p0, p1 int) {
-				packB(kern, bp, transB, b, ldb, pc, jc, kc, nc, nr, p0*nr, min(nc, p1*nr))
+			parallelT(threads, bPanels, func(t, p0, p1 int) {
+				if b.isMat {
+					bufs[t].wide = grow(bufs[t].wide, 16*kc)
+				}
+				packB(kern, bp, b, pc, jc, kc, nc, nr, p0*nr, min(nc, p1*nr), bufs[t].wide)
 			})
 			if splitRows {
 				parallelT(threads, rowPanels, func(t, r0, r1 int) {
@@ -402,27 +512,17 @@ func (g *Native) blocked(threads int, kern *gemmKernel, transA, transB bool, m, 
 	}
 }
 
-// parallelT is parallel with the worker's index, for per-worker buffers.
+// parallelT runs f over [0,n) cut into at most threads contiguous ranges,
+// passing each range's index t for per-range buffers.
 func parallelT(threads, n int, f func(t, lo, hi int)) {
 	threads = min(threads, n)
 	if threads <= 1 {
 		f(0, 0, n)
 		return
 	}
-	var wg sync.WaitGroup
-	for t := range threads {
-		lo, hi := n*t/threads, n*(t+1)/threads
-		if t == threads-1 {
-			f(t, lo, hi)
-			break
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f(t, lo, hi)
-		}()
-	}
-	wg.Wait()
+	Parallel(threads, threads, TaskFunc(func(_, t int) {
+		f(t, n*t/threads, n*(t+1)/threads)
+	}))
 }
 
 // macro multiplies packed A (mc rows) by the packed B panels of columns
@@ -458,18 +558,33 @@ func macro(kern *gemmKernel, kc, mc, nc, j0, j1 int, alpha float32, ap, bp, c []
 
 // packB writes op(B)[pc:pc+kc, jc:jc+nc] as panels of nr columns, each kc
 // steps of nr values, zero-padding the last panel; only the panels of
-// columns j0..j1 of the block (j0 a multiple of nr).
-func packB(kern *gemmKernel, dst []float32, transB bool, b []float32, ldb, pc, jc, kc, nc, nr, j0, j1 int) {
+// columns j0..j1 of the block (j0 a multiple of nr). 16-bit values are
+// widened on the way, exactly, so the panels are those of the float32
+// matrix; wide (16·kc values) holds the rows of a 16-bit Bᵀ widened.
+func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, j1 int, wide []float32) {
 	for jr := j0; jr < j1; jr += nr {
 		w := min(nr, nc-jr)
 		pan := dst[jr*kc : jr*kc+kc*nr]
-		if transB {
+		switch {
+		case b.isMat && b.trans:
 			for j := 0; j < w; j += 16 {
-				kern.interleave(kc, b[(jc+jr+j)*ldb+pc:], ldb, min(16, w-j), pan[j:], nr)
+				rows := min(16, w-j)
+				for i := range rows {
+					b.mat.widen(wide[i*kc:(i+1)*kc], jc+jr+j+i, pc, pc+kc)
+				}
+				kern.interleave(kc, wide, kc, rows, pan[j:], nr)
 			}
-		} else {
+		case b.isMat:
 			for p := range kc {
-				copy(pan[p*nr:p*nr+w], b[(pc+p)*ldb+jc+jr:(pc+p)*ldb+jc+jr+w])
+				b.mat.widen(pan[p*nr:p*nr+w], pc+p, jc+jr, jc+jr+w)
+			}
+		case b.trans:
+			for j := 0; j < w; j += 16 {
+				kern.interleave(kc, b.f32[(jc+jr+j)*b.ld+pc:], b.ld, min(16, w-j), pan[j:], nr)
+			}
+		default:
+			for p := range kc {
+				copy(pan[p*nr:p*nr+w], b.f32[(pc+p)*b.ld+jc+jr:(pc+p)*b.ld+jc+jr+w])
 			}
 		}
 		if w < nr {

@@ -10,6 +10,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"math"
 	"os"
 )
 
@@ -36,9 +37,19 @@ func main() {
 	expKernels()
 	axpyAVX512()
 	widenBF16AVX512()
-	for rows := 1; rows <= 4; rows++ {
-		scoresAVX512(rows)
-		weightedSumAVX512(rows)
+	widenF16AVX512()
+	gemv16Kernels()
+	rmsAVX512()
+	sumExp64AVX512()
+	for rows := 1; rows <= 6; rows++ {
+		scoresPageBF16AVX512(rows)
+		wsumPageBF16AVX512(rows)
+	}
+	for _, dt := range []string{"", "BF16", "F16"} {
+		for rows := 1; rows <= 4; rows++ {
+			scoresAVX512(rows, dt)
+			weightedSumAVX512(rows, dt)
+		}
 	}
 	if err := os.WriteFile("kernels_amd64.s", out.Bytes(), 0o644); err != nil {
 		panic(err)
@@ -698,8 +709,16 @@ func widenBF16AVX512() {
 // of attention scores, rows queries against four cached keys. Every key
 // chunk loaded is used by all rows and every query chunk by all keys,
 // which halves the loads per multiply-add of one-row products.
-func scoresAVX512(rows int) {
-	name := fmt.Sprintf("scores%dxAVX512", rows)
+//
+// With dt "BF16" or "F16" the keys are 16-bit cache rows (ldk in values),
+// widened exactly as they are loaded: decoding reads a bf16 cache without
+// a widened copy of it.
+func scoresAVX512(rows int, dt string) {
+	name := fmt.Sprintf("scores%dx%sAVX512", rows, dt)
+	kw := 4 // bytes per key value
+	if dt != "" {
+		kw = 2
+	}
 	fmt.Fprintf(&out, "// func %s(k int, q *float32, ldq int, keys *float32, ldk int, out *float32, ldo int)\n", name)
 	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
 	p("MOVQ k+0(FP), CX")
@@ -708,7 +727,7 @@ func scoresAVX512(rows int) {
 	p("SHLQ $2, DX")
 	p("MOVQ keys+24(FP), R8")
 	p("MOVQ ldk+32(FP), BX")
-	p("SHLQ $2, BX")
+	p("SHLQ $%d, BX", kw/2)
 	qReg := []string{"SI", "R12", "R13", "R14"}
 	for r := 1; r < rows; r++ {
 		p("LEAQ (%s)(DX*1), %s", qReg[r-1], qReg[r])
@@ -730,11 +749,7 @@ func scoresAVX512(rows int) {
 			}
 		}
 		for j := range 4 {
-			if masked {
-				p("VMOVUPS.Z (%s), K1, Z20", kReg[j])
-			} else {
-				p("VMOVUPS (%s), Z20", kReg[j])
-			}
+			load16(dt, kReg[j], 0, 20, masked)
 			for r := range rows {
 				p("VFMADD231PS Z20, Z%d, Z%d", 16+r, acc(r, j))
 			}
@@ -748,7 +763,7 @@ func scoresAVX512(rows int) {
 		p("ADDQ $64, %s", qReg[r])
 	}
 	for j := range 4 {
-		p("ADDQ $64, %s", kReg[j])
+		p("ADDQ $%d, %s", 16*kw, kReg[j])
 	}
 	p("SUBQ $16, CX")
 	p("CMPQ CX, $16")
@@ -793,8 +808,15 @@ func scoresAVX512(rows int) {
 // o[r·ldo+j] += Σ_t w[r·ldw+t]·v[t·ldv+j] for r < rows, t < 4, j < n: the
 // attention weights of rows queries applied to four cached values. The 4·rows
 // weights stay in registers while the output rows are swept once.
-func weightedSumAVX512(rows int) {
-	name := fmt.Sprintf("wsum%dxAVX512", rows)
+//
+// With dt "BF16" or "F16" the values are 16-bit cache rows (ldv in
+// values), widened as they are loaded.
+func weightedSumAVX512(rows int, dt string) {
+	name := fmt.Sprintf("wsum%dx%sAVX512", rows, dt)
+	vw := 4 // bytes per value
+	if dt != "" {
+		vw = 2
+	}
 	fmt.Fprintf(&out, "// func %s(n int, w *float32, ldw int, v *float32, ldv int, o *float32, ldo int)\n", name)
 	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-56\n", name)
 	p("MOVQ n+0(FP), CX")
@@ -811,7 +833,7 @@ func weightedSumAVX512(rows int) {
 	}
 	p("MOVQ v+24(FP), R8")
 	p("MOVQ ldv+32(FP), BX")
-	p("SHLQ $2, BX")
+	p("SHLQ $%d, BX", vw/2)
 	vReg := []string{"R8", "R9", "R10", "R11"}
 	for t := 1; t < 4; t++ {
 		p("LEAQ (%s)(BX*1), %s", vReg[t-1], vReg[t])
@@ -825,11 +847,7 @@ func weightedSumAVX512(rows int) {
 	}
 	step := func(masked bool) {
 		for t := range 4 {
-			if masked {
-				p("VMOVUPS.Z (%s), K1, Z%d", vReg[t], t)
-			} else {
-				p("VMOVUPS (%s), Z%d", vReg[t], t)
-			}
+			load16(dt, vReg[t], 0, t, masked)
 		}
 		for r := range rows {
 			if masked {
@@ -852,7 +870,7 @@ func weightedSumAVX512(rows int) {
 	label(name + "_loop")
 	step(false)
 	for t := range 4 {
-		p("ADDQ $64, %s", vReg[t])
+		p("ADDQ $%d, %s", 16*vw, vReg[t])
 	}
 	for r := range rows {
 		p("ADDQ $64, %s", oReg[r])
@@ -866,6 +884,709 @@ func weightedSumAVX512(rows int) {
 	tailMask()
 	step(true)
 	label(name + "_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// widenF16AVX512 emits
+//
+//	func widenF16AVX512(n int, src *uint16, dst *float32) // n a multiple of 16
+//
+// which turns IEEE half values into float32 with VCVTPH2PS (F16C's
+// conversion, exact for every input): f16 cache rows and weights are read
+// through it.
+func widenF16AVX512() {
+	fmt.Fprintf(&out, "// func widenF16AVX512(n int, src *uint16, dst *float32)\n")
+	fmt.Fprintf(&out, "TEXT ·widenF16AVX512(SB), NOSPLIT, $0-24\n")
+	p("MOVQ n+0(FP), CX")
+	p("MOVQ src+8(FP), SI")
+	p("MOVQ dst+16(FP), DI")
+	p("CMPQ CX, $64")
+	p("JLT widenF16_16")
+	label("widenF16_loop64")
+	for u := range 4 {
+		p("VCVTPH2PS %d(SI), Z%d", 32*u, u)
+		p("VMOVUPS Z%d, %d(DI)", u, 64*u)
+	}
+	p("ADDQ $128, SI")
+	p("ADDQ $256, DI")
+	p("SUBQ $64, CX")
+	p("CMPQ CX, $64")
+	p("JGE widenF16_loop64")
+	label("widenF16_16")
+	p("CMPQ CX, $16")
+	p("JLT widenF16_done")
+	p("VCVTPH2PS (SI), Z0")
+	p("VMOVUPS Z0, (DI)")
+	p("ADDQ $32, SI")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("JMP widenF16_16")
+	label("widenF16_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// gemv16 emits, for one family of 16-bit weights,
+//
+//	func name(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+//
+// y[r] = Σ_p x[p]·w[r·ldw+p] for r < rows: the decode-step product with
+// weights kept as stored. Each row is read start to end before the next,
+// one sequential stream: the hardware prefetcher keeps up with a single
+// stream but not with four rows read side by side, which measured at half
+// the memory bandwidth on Zen 4. The loop takes unroll blocks per step,
+// each block into its own accumulators; load(u, masked) widens block u of
+// the row (at R8) into one or two registers and fma adds them, times x,
+// to the block's accumulators. A masked tail reads only the row's last
+// weights (K1); without masks (AVX2) the tail is left to the caller.
+type gemv16Spec struct {
+	name   string
+	reg    string // "Z" or "Y"
+	block  int    // weights per block
+	xBytes int    // bytes of prepared x per block
+	wBytes int    // bytes of weights per block
+	unroll int
+	masked bool // masked tail (AVX-512); else tail left to the caller
+	// setup emits constants; block emits, for block u of the step (or the
+	// masked tail), the widening and multiply-adds into accumulators a0
+	// and a1, with x at offset xo(SI) and weights at wo(R8).
+	setup func()
+	body  func(xo, wo, a0, a1 int, masked bool)
+}
+
+func gemv16(s gemv16Spec) {
+	name, R := s.name, s.reg
+	fmt.Fprintf(&out, "// func %s(rows, k int, x *float32, w *uint16, ldw int, y *float32)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-48\n", name)
+	p("MOVQ rows+0(FP), BX")
+	p("MOVQ k+8(FP), R9")
+	p("MOVQ x+16(FP), R10")
+	p("MOVQ w+24(FP), R11")
+	p("MOVQ ldw+32(FP), DX")
+	p("SHLQ $1, DX")
+	p("MOVQ y+40(FP), DI")
+	s.setup()
+	if s.masked {
+		p("MOVQ R9, CX")
+		p("ANDQ $%d, CX", s.block-1)
+		p("MOVL $1, AX")
+		p("SHLXL CX, AX, AX")
+		p("DECL AX")
+		if s.block == 32 {
+			p("KMOVD AX, K1")
+		} else {
+			p("KMOVW AX, K1")
+		}
+	}
+	p("TESTQ BX, BX")
+	p("JEQ %s_done", name)
+	label(name + "_row")
+	p("MOVQ R9, CX")
+	p("MOVQ R10, SI")
+	p("MOVQ R11, R8")
+	nacc := 2 * s.unroll
+	for i := range nacc {
+		if R == "Z" {
+			p("VPXORD Z%d, Z%d, Z%d", i, i, i)
+		} else {
+			p("VXORPS Y%d, Y%d, Y%d", i, i, i)
+		}
+	}
+	step := s.block * s.unroll
+	p("CMPQ CX, $%d", step)
+	p("JLT %s_one", name)
+	label(name + "_loop")
+	for u := range s.unroll {
+		s.body(u*s.xBytes, u*s.wBytes, 2*u, 2*u+1, false)
+	}
+	p("ADDQ $%d, SI", s.unroll*s.xBytes)
+	p("ADDQ $%d, R8", s.unroll*s.wBytes)
+	p("SUBQ $%d, CX", step)
+	p("CMPQ CX, $%d", step)
+	p("JGE %s_loop", name)
+	label(name + "_one")
+	p("CMPQ CX, $%d", s.block)
+	p("JLT %s_tail", name)
+	s.body(0, 0, 0, 1, false)
+	p("ADDQ $%d, SI", s.xBytes)
+	p("ADDQ $%d, R8", s.wBytes)
+	p("SUBQ $%d, CX", s.block)
+	p("JMP %s_one", name)
+	label(name + "_tail")
+	if s.masked {
+		p("TESTQ CX, CX")
+		p("JEQ %s_sum", name)
+		s.body(0, 0, 2, 3%nacc, true)
+	}
+	label(name + "_sum")
+	for i := 1; i < nacc; i++ {
+		p("VADDPS %s%d, %s0, %s0", R, i, R, R)
+	}
+	if R == "Z" {
+		p("VEXTRACTF64X4 $1, Z0, Y1")
+		p("VADDPS Y1, Y0, Y0")
+	}
+	p("VEXTRACTF128 $1, Y0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VPERMILPS $0x4e, X0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VPERMILPS $0xb1, X0, X1")
+	p("VADDPS X1, X0, X0")
+	p("VMOVSS X0, (DI)")
+	p("ADDQ $4, DI")
+	p("ADDQ DX, R11")
+	p("DECQ BX")
+	p("JNZ %s_row", name)
+	label(name + "_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// gemv16Kernels emits the four 16-bit matrix-vector kernels. bf16: a
+// block of 32 weights is 16 pairs of one 64-byte load; shifting each
+// 32-bit lane left by 16 gives the even weights as float32, masking off
+// its low half the odd ones, so x comes de-interleaved per block (16 even
+// values, then 16 odd; zero past k). f16: VCVTPH2PS widens 16 halves
+// exactly, x in order. AVX2 takes blocks of half the width.
+func gemv16Kernels() {
+	shiftMask := func(R string, ones int) func() {
+		return func() {
+			p("MOVL $0xffff0000, AX")
+			if R == "Z" {
+				p("VPBROADCASTD AX, Z%d", ones)
+			} else {
+				p("VMOVD AX, X%d", ones)
+				p("VPBROADCASTD X%d, Y%d", ones, ones)
+			}
+		}
+	}
+	// bf16 body: even and odd halves into a0 and a1.
+	bf16 := func(R string, vb int, w0, w1, ones int) func(xo, wo, a0, a1 int, masked bool) {
+		return func(xo, wo, a0, a1 int, masked bool) {
+			if masked {
+				p("VMOVDQU16.Z %d(R8), K1, %s%d", wo, R, w0)
+			} else {
+				p("VMOVDQU32 %d(R8), %s%d", wo, R, w0)
+			}
+			p("VPSLLD $16, %s%d, %s%d", R, w0, R, w1)
+			if R == "Z" {
+				p("VPANDD %s%d, %s%d, %s%d", R, ones, R, w0, R, w0)
+			} else {
+				p("VPAND %s%d, %s%d, %s%d", R, ones, R, w0, R, w0)
+			}
+			p("VFMADD231PS %d(SI), %s%d, %s%d", xo, R, w1, R, a0)
+			p("VFMADD231PS %d(SI), %s%d, %s%d", xo+vb, R, w0, R, a1)
+		}
+	}
+	// Eight blocks (512 bytes of a row) per step on AVX-512: measured a
+	// little faster than four from memory, where decoding reads them.
+	gemv16(gemv16Spec{name: "gemvBF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 8, masked: true,
+		setup: shiftMask("Z", 31), body: bf16("Z", 64, 16, 17, 31)})
+	// AVX2's VMOVDQU32 is VMOVDQU.
+	gemv16(gemv16Spec{name: "gemvBF16AVX2", reg: "Y", block: 16, xBytes: 64, wBytes: 32, unroll: 4,
+		setup: shiftMask("Y", 15), body: func(xo, wo, a0, a1 int, masked bool) {
+			p("VMOVDQU %d(R8), Y8", wo)
+			p("VPSLLD $16, Y8, Y9")
+			p("VPAND Y15, Y8, Y8")
+			p("VFMADD231PS %d(SI), Y9, Y%d", xo, a0)
+			p("VFMADD231PS %d(SI), Y8, Y%d", xo+32, a1)
+		}})
+	// f16: one block into one accumulator; a step of two blocks fills a0
+	// and a1.
+	gemv16(gemv16Spec{name: "gemvF16AVX512", reg: "Z", block: 32, xBytes: 128, wBytes: 64, unroll: 8, masked: true,
+		setup: func() {}, body: func(xo, wo, a0, a1 int, masked bool) {
+			if masked {
+				// The tail is under 32 halves: the first 16 under K1's
+				// low half, the rest under its high half.
+				p("KSHIFTRD $16, K1, K2")
+				p("VMOVDQU16.Z %d(R8), K1, Y16", wo)
+				p("VMOVDQU16.Z %d(R8), K2, Y17", wo+32)
+				p("VCVTPH2PS Y16, Z16")
+				p("VCVTPH2PS Y17, Z17")
+			} else {
+				p("VCVTPH2PS %d(R8), Z16", wo)
+				p("VCVTPH2PS %d(R8), Z17", wo+32)
+			}
+			p("VFMADD231PS %d(SI), Z16, Z%d", xo, a0)
+			p("VFMADD231PS %d(SI), Z17, Z%d", xo+64, a1)
+		}})
+	gemv16(gemv16Spec{name: "gemvF16AVX2", reg: "Y", block: 16, xBytes: 64, wBytes: 32, unroll: 4,
+		setup: func() {}, body: func(xo, wo, a0, a1 int, masked bool) {
+			p("VCVTPH2PS %d(R8), Y8", wo)
+			p("VCVTPH2PS %d(R8), Y9", wo+16)
+			p("VFMADD231PS %d(SI), Y8, Y%d", xo, a0)
+			p("VFMADD231PS %d(SI), Y9, Y%d", xo+32, a1)
+		}})
+}
+
+// rmsAVX512 emits
+//
+//	func sumSquaresAVX512(x *float32, n int) float32 // Σ x[i]², n ≥ 1
+//	func scaleMulAVX512(dst, x, w *float32, n int, s float32) // dst[i] = w[i]·(x[i]·s)
+//
+// the two passes of RMSNorm. The products are rounded as the Go code
+// rounds them (no fused multiply-add in the second pass).
+func rmsAVX512() {
+	fmt.Fprintf(&out, "// func sumSquaresAVX512(x *float32, n int) float32\n")
+	fmt.Fprintf(&out, "TEXT ·sumSquaresAVX512(SB), NOSPLIT, $0-20\n")
+	p("MOVQ x+0(FP), DI")
+	p("MOVQ n+8(FP), CX")
+	for i := range 4 {
+		p("VPXORD Z%d, Z%d, Z%d", 16+i, 16+i, 16+i)
+	}
+	p("CMPQ CX, $64")
+	p("JLT ss_16")
+	label("ss_loop64")
+	for u := range 4 {
+		p("VMOVUPS %d(DI), Z%d", 64*u, u)
+		p("VFMADD231PS Z%d, Z%d, Z%d", u, u, 16+u)
+	}
+	p("ADDQ $256, DI")
+	p("SUBQ $64, CX")
+	p("CMPQ CX, $64")
+	p("JGE ss_loop64")
+	label("ss_16")
+	p("CMPQ CX, $16")
+	p("JLT ss_tail")
+	p("VMOVUPS (DI), Z0")
+	p("VFMADD231PS Z0, Z0, Z16")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("JMP ss_16")
+	label("ss_tail")
+	p("TESTQ CX, CX")
+	p("JEQ ss_done")
+	tailMask()
+	p("VMOVUPS.Z (DI), K1, Z0")
+	p("VFMADD231PS Z0, Z0, Z17")
+	label("ss_done")
+	p("VADDPS Z17, Z16, Z16")
+	p("VADDPS Z19, Z18, Z18")
+	p("VADDPS Z16, Z18, Z18")
+	hsumZ18()
+	p("VMOVSS X1, ret+16(FP)")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+
+	fmt.Fprintf(&out, "// func scaleMulAVX512(dst, x, w *float32, n int, s float32)\n")
+	fmt.Fprintf(&out, "TEXT ·scaleMulAVX512(SB), NOSPLIT, $0-36\n")
+	p("MOVQ dst+0(FP), DI")
+	p("MOVQ x+8(FP), SI")
+	p("MOVQ w+16(FP), DX")
+	p("MOVQ n+24(FP), CX")
+	p("VBROADCASTSS s+32(FP), Z19")
+	p("CMPQ CX, $16")
+	p("JLT sm_tail")
+	label("sm_loop")
+	p("VMULPS (SI), Z19, Z0")
+	p("VMULPS (DX), Z0, Z0")
+	p("VMOVUPS Z0, (DI)")
+	p("ADDQ $64, SI")
+	p("ADDQ $64, DX")
+	p("ADDQ $64, DI")
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE sm_loop")
+	label("sm_tail")
+	p("TESTQ CX, CX")
+	p("JEQ sm_done")
+	tailMask()
+	p("VMOVUPS.Z (SI), K1, Z0")
+	p("VMOVUPS.Z (DX), K1, Z1")
+	p("VMULPS Z19, Z0, Z0")
+	p("VMULPS Z1, Z0, Z0")
+	p("VMOVUPS Z0, K1, (DI)")
+	label("sm_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// sumExp64AVX512 emits
+//
+//	func sumExp64AVX512(x *float32, n int, m float32) float64 // Σ e^(x[i]−m), n ≥ 0
+//
+// the normaliser of a log-softmax in float64, for perplexities: each x is
+// widened to float64 (exact), e^(x−m) is reduced as 2^k·e^r with |r| ≤
+// ln2/2 (Cody–Waite, ln 2 in two parts), e^r is the degree-12 Taylor
+// polynomial (truncation below 2e-16) and VSCALEFPD applies 2^k. The
+// result agrees with math.Exp to a few ulps per term.
+func sumExp64AVX512() {
+	fmt.Fprintf(&out, "// func sumExp64AVX512(x *float32, n int, m float32) float64\n")
+	fmt.Fprintf(&out, "TEXT ·sumExp64AVX512(SB), NOSPLIT, $0-32\n")
+	p("MOVQ x+0(FP), SI")
+	p("MOVQ n+8(FP), CX")
+	p("VCVTSS2SD m+16(FP), X0, X0")
+	p("VBROADCASTSD X0, Z31") // m
+	consts := []struct {
+		reg int
+		v   string
+	}{
+		{30, "0x3ff71547652b82fe"}, // log2(e)
+		{29, "0x3fe62e42fee00000"}, // ln2 high (fdlibm)
+		{28, "0x3dea39ef35793c76"}, // ln2 low
+		{27, "0xc087440000000000"}, // -744: e^x is below the least subnormal under it
+	}
+	for _, c := range consts {
+		p("MOVQ $%s, AX", c.v)
+		p("VPBROADCASTQ AX, Z%d", c.reg)
+	}
+	// 1/k! for k = 12 … 0 in Z14…Z26.
+	for k := 12; k >= 0; k-- {
+		f := 1.0
+		for i := 2; i <= k; i++ {
+			f *= float64(i)
+		}
+		p("MOVQ $0x%016x, AX", math.Float64bits(1/f))
+		p("VPBROADCASTQ AX, Z%d", 14+(12-k))
+	}
+	p("VPXORQ Z0, Z0, Z0") // sum
+	p("VPXORQ Z1, Z1, Z1") // second sum
+	exp := func(x, n, t int) {
+		p("VSUBPD Z31, Z%d, Z%d", x, x)
+		p("VMAXPD Z%d, Z27, Z%d", x, x) // NaN stays NaN
+		p("VMULPD Z30, Z%d, Z%d", x, n)
+		p("VRNDSCALEPD $0, Z%d, Z%d", n, n)
+		p("VFNMADD231PD Z29, Z%d, Z%d", n, x)
+		p("VFNMADD231PD Z28, Z%d, Z%d", n, x) // r
+		p("VMOVAPD Z14, Z%d", t)
+		for c := 15; c <= 26; c++ {
+			p("VFMADD213PD Z%d, Z%d, Z%d", c, x, t)
+		}
+		p("VSCALEFPD Z%d, Z%d, Z%d", n, t, x)
+	}
+	p("CMPQ CX, $16")
+	p("JLT sumExp64_8")
+	label("sumExp64_loop")
+	p("VCVTPS2PD (SI), Z2")
+	p("VCVTPS2PD 32(SI), Z3")
+	exp(2, 4, 5)
+	exp(3, 6, 7)
+	p("VADDPD Z2, Z0, Z0")
+	p("VADDPD Z3, Z1, Z1")
+	p("ADDQ $64, SI")
+	p("SUBQ $16, CX")
+	p("CMPQ CX, $16")
+	p("JGE sumExp64_loop")
+	label("sumExp64_8")
+	p("CMPQ CX, $8")
+	p("JLT sumExp64_tail")
+	p("VCVTPS2PD (SI), Z2")
+	exp(2, 4, 5)
+	p("VADDPD Z2, Z0, Z0")
+	p("ADDQ $32, SI")
+	p("SUBQ $8, CX")
+	label("sumExp64_tail")
+	p("TESTQ CX, CX")
+	p("JEQ sumExp64_done")
+	p("MOVL $1, AX")
+	p("SHLXL CX, AX, AX")
+	p("DECL AX")
+	p("KMOVW AX, K1")
+	p("VMOVUPS.Z (SI), K1, Y2")
+	p("VCVTPS2PD Y2, Z2")
+	exp(2, 4, 5)
+	p("VADDPD Z2, Z1, K1, Z1")
+	label("sumExp64_done")
+	p("VADDPD Z1, Z0, Z0")
+	p("VEXTRACTF64X4 $1, Z0, Y1")
+	p("VADDPD Y1, Y0, Y0")
+	p("VEXTRACTF128 $1, Y0, X1")
+	p("VADDPD X1, X0, X0")
+	p("VPERMILPD $1, X0, X1")
+	p("VADDSD X1, X0, X0")
+	p("VMOVSD X0, ret+24(FP)")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// load16 loads 16 float32 values at off(ptr) into Zdst: float32 itself
+// (dt ""), or bf16 or f16 widened exactly; masked loads only the lanes of
+// K1, zeroing the others (16-bit values through a word-masked load, so
+// nothing past the lanes is read).
+func load16(dt, ptr string, off, dst int, masked bool) {
+	switch {
+	case dt == "" && masked:
+		p("VMOVUPS.Z %d(%s), K1, Z%d", off, ptr, dst)
+	case dt == "":
+		p("VMOVUPS %d(%s), Z%d", off, ptr, dst)
+	case masked:
+		p("VMOVDQU16.Z %d(%s), K1, Y%d", off, ptr, dst)
+		if dt == "BF16" {
+			p("VPMOVZXWD Y%d, Z%d", dst, dst)
+			p("VPSLLD $16, Z%d, Z%d", dst, dst)
+		} else {
+			p("VCVTPH2PS Y%d, Z%d", dst, dst)
+		}
+	case dt == "BF16":
+		p("VPMOVZXWD %d(%s), Z%d", off, ptr, dst)
+		p("VPSLLD $16, Z%d, Z%d", dst, dst)
+	default:
+		p("VCVTPH2PS %d(%s), Z%d", off, ptr, dst)
+	}
+}
+
+// rowReg addresses row r of a matrix at base with a byte stride held in
+// strides[0] (1·stride), strides[1] (3·stride) and strides[2] (5·stride):
+// the operand "(base)(index*scale)" or "(base)" for rows 0…5.
+func rowReg(base string, strides [3]string, r, off int) string {
+	o := ""
+	if off != 0 {
+		o = fmt.Sprint(off)
+	}
+	switch r {
+	case 0:
+		return fmt.Sprintf("%s(%s)", o, base)
+	case 1:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[0])
+	case 2:
+		return fmt.Sprintf("%s(%s)(%s*2)", o, base, strides[0])
+	case 3:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[1])
+	case 4:
+		return fmt.Sprintf("%s(%s)(%s*4)", o, base, strides[0])
+	default:
+		return fmt.Sprintf("%s(%s)(%s*1)", o, base, strides[2])
+	}
+}
+
+// strideRegs sets s[0], s[1], s[2] to 1, 3 and 5 times the stride in s[0].
+func strideRegs(s [3]string) {
+	p("LEAQ (%s)(%s*2), %s", s[0], s[0], s[1])
+	p("LEAQ (%s)(%s*4), %s", s[0], s[0], s[2])
+}
+
+// scoresPageBF16AVX512 emits, for rows = 1…6,
+//
+//	func scoresPageRxBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+//
+// s[r·lds+j] = Σ_p q[r·dk+p]·key_j[p] for r < rows, j < nt: the scores of a
+// decode step's few query rows against a page of bf16 cache rows (stride
+// ldk values), read as stored. dk is a multiple of 32 and q is
+// de-interleaved in blocks of 32 (16 even values, then 16 odd), so that a
+// 64-byte load of 32 key values splits into float32 even and odd halves
+// with one shift and one mask. Four keys at a time, each row's
+// accumulators reduced together. next, when not nil, is the same key of
+// the page to be read after this one: its lines are prefetched as this
+// page's are read, a page ahead, which hides the memory latency that the
+// hardware prefetchers leave on these short strided rows (a prefetch of
+// an address past the data is harmless).
+func scoresPageBF16AVX512(rows int) {
+	name := fmt.Sprintf("scoresPage%dxBF16AVX512", rows)
+	fmt.Fprintf(&out, "// func %s(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-64\n", name)
+	p("MOVQ nt+0(FP), DX")
+	p("MOVQ dk+8(FP), R13") // dk, later its bytes in q (×4)
+	p("MOVQ keys+24(FP), R8")
+	p("MOVQ ldk+32(FP), R11")
+	p("SHLQ $1, R11") // key stride in bytes
+	p("MOVQ s+40(FP), DI")
+	p("MOVQ lds+48(FP), R14")
+	p("SHLQ $2, R14")
+	p("MOVQ R13, BX")
+	p("SHLQ $2, BX") // q row stride in bytes
+	qs := [3]string{"BX", "R9", "R10"}
+	ks := [3]string{"R11", "R12", "R15"}
+	strideRegs(qs)
+	strideRegs(ks)
+	p("MOVL $0xffff0000, AX")
+	p("VPBROADCASTD AX, Z31")
+	// X28 = next − keys in bytes (0 without a next page: then this page's
+	// own rows are touched again, which costs nothing).
+	p("MOVQ next+56(FP), AX")
+	p("TESTQ AX, AX")
+	p("CMOVQEQ R8, AX")
+	p("SUBQ R8, AX")
+	p("VMOVQ AX, X28")
+	acc := func(r, t int) int { return r*4 + t }
+	step := func(keys int) {
+		for t := range keys {
+			p("VMOVDQU32 %s, Z29", rowReg("R8", ks, t, 0))
+			p("VPSLLD $16, Z29, Z30")
+			p("VPANDD Z31, Z29, Z29")
+			for r := range rows {
+				p("VFMADD231PS %s, Z30, Z%d", rowReg("AX", qs, r, 0), acc(r, t))
+				p("VFMADD231PS %s, Z29, Z%d", rowReg("AX", qs, r, 64), acc(r, t))
+			}
+		}
+	}
+	block := func(keys int, lbl string) {
+		for r := range rows {
+			for t := range keys {
+				p("VPXORD Z%d, Z%d, Z%d", acc(r, t), acc(r, t), acc(r, t))
+			}
+		}
+		p("MOVQ q+16(FP), AX")
+		p("MOVQ R13, CX")
+		label(lbl + "_chunk")
+		// This step's 64 bytes of the same rows of the next page, into L2:
+		// a page's keys of one group fill L1 by themselves.
+		p("VMOVQ X28, SI")
+		p("ADDQ R8, SI")
+		for t := range keys {
+			p("PREFETCHT1 %s", rowReg("SI", ks, t, 0))
+		}
+		step(keys)
+		p("ADDQ $128, AX")
+		p("ADDQ $64, R8")
+		p("SUBQ $32, CX")
+		p("JNZ %s_chunk", lbl)
+		// Back to the block's first value: dk values of 2 bytes.
+		p("LEAQ (R13)(R13*1), SI")
+		p("SUBQ SI, R8")
+	}
+	p("CMPQ DX, $4")
+	p("JLT %s_one", name)
+	label(name + "_four")
+	block(4, name+"_four")
+	// Each row's four sums into one 128-bit vector, stored at s[r·lds+j].
+	p("MOVQ DI, SI")
+	for r := range rows {
+		a0, a1, a2, a3 := acc(r, 0), acc(r, 1), acc(r, 2), acc(r, 3)
+		if a3 >= 16 {
+			// VHADDPS has no encoding for Z16 and up: move the row's
+			// accumulators into row 0's, reduced already.
+			for t := range 4 {
+				p("VMOVAPS Z%d, Z%d", acc(r, t), t)
+			}
+			a0, a1, a2, a3 = 0, 1, 2, 3
+		}
+		for _, a := range []int{a0, a1, a2, a3} {
+			p("VEXTRACTF64X4 $1, Z%d, Y29", a)
+			p("VADDPS Y29, Y%d, Y%d", a, a)
+		}
+		p("VHADDPS Y%d, Y%d, Y%d", a1, a0, a0)
+		p("VHADDPS Y%d, Y%d, Y%d", a3, a2, a2)
+		p("VHADDPS Y%d, Y%d, Y%d", a2, a0, a0)
+		p("VEXTRACTF32X4 $1, Y%d, X%d", a0, a1)
+		p("VADDPS X%d, X%d, X%d", a1, a0, a0)
+		p("VMOVUPS X%d, (SI)", a0)
+		p("ADDQ R14, SI")
+	}
+	p("LEAQ (R8)(R11*4), R8")
+	p("ADDQ $16, DI")
+	p("SUBQ $4, DX")
+	p("CMPQ DX, $4")
+	p("JGE %s_four", name)
+	label(name + "_one")
+	p("TESTQ DX, DX")
+	p("JEQ %s_done", name)
+	block(1, name+"_one")
+	p("MOVQ DI, SI")
+	for r := range rows {
+		a := acc(r, 0)
+		p("VEXTRACTF64X4 $1, Z%d, Y29", a)
+		p("VADDPS Y29, Y%d, Y%d", a, a)
+		p("VEXTRACTF32X4 $1, Y%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VPERMILPS $0x4e, X%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VPERMILPS $0xb1, X%d, X29", a)
+		p("VADDPS X29, X%d, X%d", a, a)
+		p("VMOVSS X%d, (SI)", a)
+		p("ADDQ R14, SI")
+	}
+	p("ADDQ R11, R8")
+	p("ADDQ $4, DI")
+	p("DECQ DX")
+	p("JMP %s_one", name)
+	label(name + "_done")
+	p("VZEROUPPER")
+	p("RET")
+	out.WriteString("\n")
+}
+
+// wsumPageBF16AVX512 emits, for rows = 1…6,
+//
+//	func wsumPageRxBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+//
+// o[r·dv+c] += Σ_j w[r·ldw+j]·v_j[c] for r < rows, c < dv: a page of bf16
+// cache values (stride ldv values), read as stored, weighted by the
+// softmax of a decode step's few query rows. dv is a multiple of 32. For
+// each block of 32 columns the rows' outputs stay in registers while every
+// value row of the page is added in, split into even and odd columns as
+// the scores kernel splits keys; perm holds the 64 indices that
+// de-interleave o into that layout and back (see wsumPerm). next is the
+// same value of the page to be read after this one, prefetched as the
+// scores kernel prefetches keys.
+func wsumPageBF16AVX512(rows int) {
+	name := fmt.Sprintf("wsumPage%dxBF16AVX512", rows)
+	fmt.Fprintf(&out, "// func %s(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)\n", name)
+	fmt.Fprintf(&out, "TEXT ·%s(SB), NOSPLIT, $0-72\n", name)
+	p("MOVQ nt+0(FP), R13")
+	p("MOVQ dv+8(FP), CX")
+	p("MOVQ ldw+24(FP), BX")
+	p("SHLQ $2, BX")
+	p("MOVQ ldv+40(FP), R11")
+	p("SHLQ $1, R11")
+	p("MOVQ o+48(FP), DI")
+	p("MOVQ DI, R12")
+	p("MOVQ perm+56(FP), AX")
+	p("VMOVDQU32 (AX), Z24")    // even indices
+	p("VMOVDQU32 64(AX), Z25")  // odd indices
+	p("VMOVDQU32 128(AX), Z26") // interleave, low half
+	p("VMOVDQU32 192(AX), Z27") // interleave, high half
+	p("MOVL $0xffff0000, AX")
+	p("VPBROADCASTD AX, Z31")
+	p("MOVQ v+32(FP), R8")
+	p("MOVQ next+64(FP), AX")
+	p("TESTQ AX, AX")
+	p("CMOVQEQ R8, AX")
+	p("SUBQ R8, AX")
+	p("VMOVQ AX, X20")                  // next − v in bytes
+	os := [3]string{"R14", "R15", "SI"} // o row stride dv·4 bytes
+	p("MOVQ CX, R14")
+	p("SHLQ $2, R14")
+	strideRegs(os)
+	ws := [3]string{"BX", "R9", "R10"}
+	strideRegs(ws)
+	ev := func(r int) int { return 2 * r }
+	od := func(r int) int { return 2*r + 1 }
+	label(name + "_col")
+	// Load and de-interleave the rows' 32 outputs of this block.
+	for r := range rows {
+		p("VMOVUPS %s, Z28", rowReg("R12", os, r, 0))
+		p("VMOVUPS %s, Z29", rowReg("R12", os, r, 64))
+		p("VMOVAPS Z28, Z%d", ev(r))
+		p("VPERMT2PS Z29, Z24, Z%d", ev(r))
+		p("VMOVAPS Z28, Z%d", od(r))
+		p("VPERMT2PS Z29, Z25, Z%d", od(r))
+	}
+	p("MOVQ w+16(FP), AX")
+	p("MOVQ v+32(FP), R8")
+	p("MOVQ R13, DX")
+	label(name + "_key")
+	p("VMOVQ X20, DI")
+	p("ADDQ R8, DI")
+	p("PREFETCHT1 (DI)")
+	p("VMOVDQU32 (R8), Z29")
+	p("VPSLLD $16, Z29, Z30")
+	p("VPANDD Z31, Z29, Z29")
+	for r := range rows {
+		p("VFMADD231PS.BCST %s, Z30, Z%d", rowReg("AX", ws, r, 0), ev(r))
+		p("VFMADD231PS.BCST %s, Z29, Z%d", rowReg("AX", ws, r, 0), od(r))
+	}
+	p("ADDQ $4, AX")
+	p("ADDQ R11, R8")
+	p("DECQ DX")
+	p("JNZ %s_key", name)
+	for r := range rows {
+		p("VMOVAPS Z%d, Z28", ev(r))
+		p("VPERMT2PS Z%d, Z26, Z28", od(r))
+		p("VPERMT2PS Z%d, Z27, Z%d", od(r), ev(r))
+		p("VMOVUPS Z28, %s", rowReg("R12", os, r, 0))
+		p("VMOVUPS Z%d, %s", ev(r), rowReg("R12", os, r, 64))
+	}
+	p("ADDQ $128, R12")
+	p("ADDQ $64, v+32(FP)")
+	p("SUBQ $32, CX")
+	p("JNZ %s_col", name)
 	p("VZEROUPPER")
 	p("RET")
 	out.WriteString("\n")

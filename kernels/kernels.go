@@ -17,7 +17,6 @@ package kernels
 import (
 	"math"
 	"runtime"
-	"sync"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/gonum"
@@ -56,20 +55,6 @@ func trans(t bool) blas.Transpose {
 	return blas.NoTrans
 }
 
-// Linear computes dst[m×out] = x[m×in]·wᵀ + bias, with w out×in and bias
-// nil or of length out.
-func Linear(be Backend, dst, x, w, bias []float32, m, out, in int) {
-	be.Gemm(false, true, m, out, in, 1, x, in, w, in, 0, dst, out)
-	if bias != nil {
-		for r := range m {
-			row := dst[r*out : (r+1)*out]
-			for j, b := range bias {
-				row[j] += b
-			}
-		}
-	}
-}
-
 // RMSNorm writes dst[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight for each of
 // the rows of length len(weight). dst may alias x. An empty weight has no
 // rows to normalise.
@@ -78,18 +63,50 @@ func RMSNorm(dst, x, weight []float32, eps float32) {
 	if dim == 0 {
 		return
 	}
+	if rows := len(x) / dim; rows >= 2 && len(x) >= 2*parallelElems {
+		// A prefill's rows are shared by the cores; each row alone is
+		// what it would be on one.
+		per := max(1, parallelElems/dim)
+		Parallel(0, (rows+per-1)/per, TaskFunc(func(_, i int) {
+			lo, hi := i*per*dim, min(rows, (i+1)*per)*dim
+			rmsNormRows(dst[lo:hi], x[lo:hi], weight, eps)
+		}))
+		return
+	}
+	rmsNormRows(dst, x, weight, eps)
+}
+
+// rmsNormRows is RMSNorm on the calling goroutine.
+func rmsNormRows(dst, x, weight []float32, eps float32) {
+	dim := len(weight)
 	for r := 0; r+dim <= len(x); r += dim {
-		row := x[r : r+dim]
-		var ss float32
-		for _, v := range row {
-			ss += v * v
+		row, out := x[r:r+dim], dst[r:r+dim]
+		if rmsNormSIMD(out, row, weight, eps) {
+			continue
 		}
-		inv := float32(1 / math.Sqrt(float64(ss/float32(dim)+eps)))
-		out := dst[r : r+dim]
+		// Four partial sums, as the vector code keeps several.
+		var s0, s1, s2, s3 float32
+		i := 0
+		for ; i+4 <= dim; i += 4 {
+			s0 += row[i] * row[i]
+			s1 += row[i+1] * row[i+1]
+			s2 += row[i+2] * row[i+2]
+			s3 += row[i+3] * row[i+3]
+		}
+		for ; i < dim; i++ {
+			s0 += row[i] * row[i]
+		}
+		inv := rmsInv((s0+s1)+(s2+s3), dim, eps)
 		for i, v := range row {
 			out[i] = weight[i] * (v * inv)
 		}
 	}
+}
+
+// rmsInv is 1/sqrt(ss/dim + eps), RMSNorm's factor from a row's sum of
+// squares.
+func rmsInv(ss float32, dim int, eps float32) float32 {
+	return float32(1 / math.Sqrt(float64(ss/float32(dim)+eps)))
 }
 
 // SwiGLU writes gate[i] = silu(gate[i])·up[i].
@@ -98,6 +115,18 @@ func SwiGLU(gate, up []float32) {
 		return
 	}
 	up = up[:len(gate)]
+	if n := len(gate); n >= 2*parallelElems {
+		Parallel(0, (n+parallelElems-1)/parallelElems, TaskFunc(func(_, i int) {
+			lo, hi := i*parallelElems, min(n, (i+1)*parallelElems)
+			swiglu(gate[lo:hi], up[lo:hi])
+		}))
+		return
+	}
+	swiglu(gate, up)
+}
+
+// swiglu is SwiGLU on the calling goroutine; len(up) ≥ len(gate) > 0.
+func swiglu(gate, up []float32) {
 	if swigluSIMD(gate, up) {
 		return
 	}
@@ -106,8 +135,27 @@ func SwiGLU(gate, up []float32) {
 	}
 }
 
+// parallelElems is the element count from which the element-wise kernels
+// split a prefill's rows over the cores: below it, a decode step's single
+// rows, a call costs more than it saves.
+const parallelElems = 1 << 15
+
 // Add writes dst[i] += x[i].
 func Add(dst, x []float32) {
+	dst = dst[:len(x)]
+	if n := len(x); n >= 2*parallelElems {
+		Parallel(0, (n+parallelElems-1)/parallelElems, TaskFunc(func(_, i int) {
+			lo, hi := i*parallelElems, min(n, (i+1)*parallelElems)
+			add(dst[lo:hi], x[lo:hi])
+		}))
+		return
+	}
+	add(dst, x)
+}
+
+// add is Add on the calling goroutine.
+func add(dst, x []float32) {
+	dst = dst[:len(x)]
 	for i, v := range x {
 		dst[i] += v
 	}
@@ -170,43 +218,54 @@ func (a Attention) Causal(be Backend, out, q, k, v []float32, nq, past int) {
 		// Every core already runs a head: products inside stay on one.
 		be = serialBackend(be)
 	}
-	var wg sync.WaitGroup
-	next := make(chan int, a.Heads)
-	for h := range a.Heads {
-		next <- h
-	}
-	close(next)
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			scores := make([]float32, min(nq, queryBlock)*total)
-			for h := range next {
-				g := h / group
-				// Query rows go in blocks so that each block multiplies only
-				// the keys it can see, which halves the work of a prefill.
-				for i0 := 0; i0 < nq; i0 += queryBlock {
-					rows := min(queryBlock, nq-i0)
-					seen := past + i0 + rows
-					// s[rows×seen] = scale · Q_h · K_gᵀ
-					s := scores[:rows*seen]
-					be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kStride, 0, s, seen)
-					for i := range rows {
-						row := s[i*seen : (i+1)*seen]
-						last := past + i0 + i // last visible position
-						first := 0
-						if a.Window > 0 {
-							first = max(0, last-a.Window+1)
-						}
-						SoftmaxInPlace(row[first : last+1])
-						clear(row[:first])
-						clear(row[last+1:])
-					}
-					// out_h[rows×dv] = P · V_g
-					be.Gemm(false, false, rows, dv, seen, 1, s, seen, v[g*dv:], vStride, 0, out[i0*outStride+h*dv:], outStride)
+	scores := make([][]float32, workers)
+	Parallel(workers, a.Heads, TaskFunc(func(w, h int) {
+		if scores[w] == nil {
+			scores[w] = make([]float32, min(nq, queryBlock)*total)
+		}
+		g := h / group
+		// Query rows go in blocks so that each block multiplies only the
+		// keys it can see, which halves the work of a prefill.
+		for i0 := 0; i0 < nq; i0 += queryBlock {
+			rows := min(queryBlock, nq-i0)
+			seen := past + i0 + rows
+			// s[rows×seen] = scale · Q_h · K_gᵀ
+			s := scores[w][:rows*seen]
+			be.Gemm(false, true, rows, seen, d, a.Scale, q[i0*qStride+h*d:], qStride, k[g*d:], kStride, 0, s, seen)
+			for i := range rows {
+				row := s[i*seen : (i+1)*seen]
+				last := past + i0 + i // last visible position
+				first := 0
+				if a.Window > 0 {
+					first = max(0, last-a.Window+1)
 				}
+				SoftmaxInPlace(row[first : last+1])
+				clear(row[:first])
+				clear(row[last+1:])
 			}
-		}()
+			// out_h[rows×dv] = P · V_g
+			be.Gemm(false, false, rows, dv, seen, 1, s, seen, v[g*dv:], vStride, 0, out[i0*outStride+h*dv:], outStride)
+		}
+	}))
+}
+
+// MaxOf is the largest value of a non-empty x.
+func MaxOf(x []float32) float32 { return maxOf(x) }
+
+// SumExp64 is Σ e^(x[i]−m) in float64, the normaliser of a log-softmax
+// (m is usually the maximum). The vector code agrees with math.Exp to a
+// few float64 ulps per term; elsewhere math.Exp itself is used.
+func SumExp64(x []float32, m float32) float64 {
+	if len(x) == 0 {
+		return 0
 	}
-	wg.Wait()
+	if s, ok := sumExp64SIMD(x, m); ok {
+		return s
+	}
+	var s float64
+	mf := float64(m)
+	for _, v := range x {
+		s += math.Exp(float64(v) - mf)
+	}
+	return s
 }

@@ -57,10 +57,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX512(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			dot4: func(k int, x, b []float32, ldb int, out *[4]float32) int {
-				dot4AVX512(k, &x[0], &b[0], ldb, &out[0])
-				return k
-			},
+			simd:       simdAVX512,
 			interleave: interleaveAVX512,
 		})
 	}
@@ -70,10 +67,7 @@ func simdKernels() []*gemmKernel {
 			tile: func(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 				gemmAVX2(kc, &a[0], &b[0], &c[0], ldc, alpha, overwrite)
 			},
-			dot4: func(k int, x, b []float32, ldb int, out *[4]float32) int {
-				dot4AVX2(k, &x[0], &b[0], ldb, &out[0])
-				return k &^ 7
-			},
+			simd:       simdAVX2,
 			interleave: interleaveGo,
 		})
 	}
@@ -258,3 +252,300 @@ func wsumBlockSIMD(rows, n int, w []float32, ldw int, v []float32, ldv int, o []
 // smallBlocksSIMD reports whether scoresBlockSIMD and wsumBlockSIMD have
 // vector code on this CPU.
 func smallBlocksSIMD() bool { return hasAVX512 }
+
+//go:noescape
+func widenF16AVX512(n int, src *uint16, dst *float32)
+
+// widenF16SIMD widens the longest multiple of 16 IEEE halves of src into
+// dst in vector code and returns how many it did (0 without AVX-512).
+func widenF16SIMD(dst []float32, src []uint16) int {
+	n := len(src) &^ 15
+	if !hasAVX512 || n == 0 {
+		return 0
+	}
+	_ = dst[n-1]
+	widenF16AVX512(n, &src[0], &dst[0])
+	return n
+}
+
+//go:noescape
+func gemvBF16AVX512(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvF16AVX512(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvBF16AVX2(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+//go:noescape
+func gemvF16AVX2(rows, k int, x *float32, w *uint16, ldw int, y *float32)
+
+// hasAVX512BW selects the 16-bit weight kernels of AVX-512, whose row
+// tails are loaded with word masks.
+var hasAVX512BW = hasAVX512 && cpu.X86.HasAVX512BW
+
+// dot4Arch is gemmKernel.dot4 in the vector code of level l, or false
+// for the portable code.
+func dot4Arch(l simdLevel, k int, x, b []float32, ldb int, out *[4]float32) (int, bool) {
+	switch l {
+	case simdAVX512:
+		dot4AVX512(k, &x[0], &b[0], ldb, &out[0])
+		return k, true
+	case simdAVX2:
+		dot4AVX2(k, &x[0], &b[0], ldb, &out[0])
+		return k &^ 7, true
+	}
+	return 0, false
+}
+
+// gemv16Kernels lists the vector kernels for 16-bit weights this CPU can
+// run, fastest first.
+func gemv16Kernels() []*gemv16 {
+	var ks []*gemv16
+	if hasAVX512BW {
+		ks = append(ks, &gemv16{name: "avx512", simd: simdAVX512, block: 32, full: true})
+	}
+	if cpu.X86.HasAVX2 && cpu.X86.HasFMA && cpu.X86.HasF16C {
+		ks = append(ks, &gemv16{name: "avx2", simd: simdAVX2, block: 16})
+	}
+	return ks
+}
+
+// gemv16Arch runs the 16-bit kernel of level l for dtype dt (see gemv16).
+func gemv16Arch(l simdLevel, dt RowDType, rows, k int, x []float32, w []uint16, ldw int, y []float32) {
+	_, _ = w[(rows-1)*ldw+k-1], y[rows-1]
+	switch {
+	case l == simdAVX512 && dt == RowBF16:
+		gemvBF16AVX512(rows, k, &x[0], &w[0], ldw, &y[0])
+	case l == simdAVX512:
+		gemvF16AVX512(rows, k, &x[0], &w[0], ldw, &y[0])
+	case dt == RowBF16:
+		gemvBF16AVX2(rows, k, &x[0], &w[0], ldw, &y[0])
+	default:
+		gemvF16AVX2(rows, k, &x[0], &w[0], ldw, &y[0])
+	}
+}
+
+//go:noescape
+func sumSquaresAVX512(x *float32, n int) float32
+
+//go:noescape
+func scaleMulAVX512(dst, x, w *float32, n int, s float32)
+
+// rmsNormSIMD is RMSNorm of one row in vector code, or false when the CPU
+// has none for it. len(dst) ≥ len(x) = len(w) > 0.
+func rmsNormSIMD(dst, x, w []float32, eps float32) bool {
+	if !hasAVX512 {
+		return false
+	}
+	ss := sumSquaresAVX512(&x[0], len(x))
+	scaleMulAVX512(&dst[0], &x[0], &w[0], len(x), rmsInv(ss, len(x), eps))
+	return true
+}
+
+//go:noescape
+func sumExp64AVX512(x *float32, n int, m float32) float64
+
+// sumExp64SIMD is SumExp64 in vector code, or false when the CPU has none
+// for it.
+func sumExp64SIMD(x []float32, m float32) (float64, bool) {
+	if !hasAVX512 {
+		return 0, false
+	}
+	return sumExp64AVX512(&x[0], len(x), m), true
+}
+
+//go:noescape
+func scores1xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores2xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores3xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores4xBF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores1xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores2xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores3xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func scores4xF16AVX512(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int)
+
+//go:noescape
+func wsum1xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum2xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum3xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum4xBF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum1xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum2xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum3xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+//go:noescape
+func wsum4xF16AVX512(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int)
+
+// scoresBlock16SIMD is scoresBlockSIMD for 16-bit keys of dtype dt, or
+// false when the CPU has no vector code for it.
+func scoresBlock16SIMD(dt RowDType, rows, k int, q []float32, ldq int, keys []uint16, ldk int, out []float32, ldo int) bool {
+	if !hasAVX512BW {
+		return false
+	}
+	_, _, _ = q[(rows-1)*ldq+k-1], keys[3*ldk+k-1], out[(rows-1)*ldo+3]
+	f := [2][4]func(k int, q *float32, ldq int, keys *uint16, ldk int, out *float32, ldo int){
+		{scores1xBF16AVX512, scores2xBF16AVX512, scores3xBF16AVX512, scores4xBF16AVX512},
+		{scores1xF16AVX512, scores2xF16AVX512, scores3xF16AVX512, scores4xF16AVX512},
+	}
+	i := 0
+	if dt == RowF16 {
+		i = 1
+	}
+	f[i][rows-1](k, &q[0], ldq, &keys[0], ldk, &out[0], ldo)
+	return true
+}
+
+// wsumBlock16SIMD is wsumBlockSIMD for 16-bit values of dtype dt, or
+// false when the CPU has no vector code for it.
+func wsumBlock16SIMD(dt RowDType, rows, n int, w []float32, ldw int, v []uint16, ldv int, o []float32, ldo int) bool {
+	if !hasAVX512BW {
+		return false
+	}
+	_, _, _ = w[(rows-1)*ldw+3], v[3*ldv+n-1], o[(rows-1)*ldo+n-1]
+	f := [2][4]func(n int, w *float32, ldw int, v *uint16, ldv int, o *float32, ldo int){
+		{wsum1xBF16AVX512, wsum2xBF16AVX512, wsum3xBF16AVX512, wsum4xBF16AVX512},
+		{wsum1xF16AVX512, wsum2xF16AVX512, wsum3xF16AVX512, wsum4xF16AVX512},
+	}
+	i := 0
+	if dt == RowF16 {
+		i = 1
+	}
+	f[i][rows-1](n, &w[0], ldw, &v[0], ldv, &o[0], ldo)
+	return true
+}
+
+// smallBlocks16SIMD reports whether scoresBlock16SIMD and wsumBlock16SIMD
+// have vector code on this CPU.
+func smallBlocks16SIMD() bool { return hasAVX512BW }
+
+//go:noescape
+func scoresPage1xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage2xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage3xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage4xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage5xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func scoresPage6xBF16AVX512(nt, dk int, q *float32, keys *uint16, ldk int, s *float32, lds int, next *uint16)
+
+//go:noescape
+func wsumPage1xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage2xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage3xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage4xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage5xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+//go:noescape
+func wsumPage6xBF16AVX512(nt, dv int, w *float32, ldw int, v *uint16, ldv int, o *float32, perm *int32, next *uint16)
+
+// pageKernelsBF16 reports whether scoresPageBF16 and wsumPageBF16 have
+// vector code on this CPU.
+func pageKernelsBF16() bool { return hasAVX512BW }
+
+// scoresPageBF16 writes s[r·lds+j] = q_r·key_j for rows ≤ 6 query rows
+// (q prepared by prepareX16, rows dk apart) against nt bf16 keys (stride
+// ldk); dk is a multiple of 32. next, when not empty, starts the same keys
+// of the page to be read next, which are prefetched.
+func scoresPageBF16(rows, nt, dk int, q []float32, keys []uint16, ldk int, s []float32, lds int, nextKeys []uint16) {
+	_, _, _ = q[rows*dk-1], keys[(nt-1)*ldk+dk-1], s[(rows-1)*lds+nt-1]
+	var next *uint16
+	if len(nextKeys) > 0 {
+		next = &nextKeys[0]
+	}
+	switch rows {
+	case 1:
+		scoresPage1xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 2:
+		scoresPage2xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 3:
+		scoresPage3xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 4:
+		scoresPage4xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	case 5:
+		scoresPage5xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	default:
+		scoresPage6xBF16AVX512(nt, dk, &q[0], &keys[0], ldk, &s[0], lds, next)
+	}
+}
+
+// wsumPageBF16 adds to rows ≤ 6 output rows o (dv apart) the sums over nt
+// bf16 value rows (stride ldv) weighted by w (rows ldw apart); dv is a
+// multiple of 32. nextValues is prefetched as scoresPageBF16's nextKeys.
+func wsumPageBF16(rows, nt, dv int, w []float32, ldw int, v []uint16, ldv int, o []float32, nextValues []uint16) {
+	_, _, _ = w[(rows-1)*ldw+nt-1], v[(nt-1)*ldv+dv-1], o[rows*dv-1]
+	var next *uint16
+	if len(nextValues) > 0 {
+		next = &nextValues[0]
+	}
+	perm := &wsumPerm[0]
+	switch rows {
+	case 1:
+		wsumPage1xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 2:
+		wsumPage2xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 3:
+		wsumPage3xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 4:
+		wsumPage4xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	case 5:
+		wsumPage5xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	default:
+		wsumPage6xBF16AVX512(nt, dv, &w[0], ldw, &v[0], ldv, &o[0], perm, next)
+	}
+}
+
+// wsumPerm holds the VPERMT2PS indices of wsumPageBF16: the even and the
+// odd lanes of 32 values, then the two halves that interleave them back.
+var wsumPerm = func() (p [64]int32) {
+	for i := range 16 {
+		p[i], p[16+i] = int32(2*i), int32(2*i+1)
+	}
+	for i := range 8 {
+		p[32+2*i], p[32+2*i+1] = int32(i), int32(16+i)
+		p[48+2*i], p[48+2*i+1] = int32(8+i), int32(24+i)
+	}
+	return p
+}()

@@ -1,6 +1,7 @@
 package kernels
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -57,7 +58,7 @@ func TestLinear(t *testing.T) {
 			for i := range dst {
 				dst[i] = float32(math.NaN())
 			}
-			Linear(Gonum{}, dst, x, w, b, tc.m, tc.out, tc.k)
+			Linear(Gonum{}, dst, x, MatF32(tc.out, tc.k, w), b, tc.m)
 			want := make([]float64, tc.m*tc.out)
 			for r := range tc.m {
 				for o := range tc.out {
@@ -76,32 +77,48 @@ func TestLinear(t *testing.T) {
 	}
 }
 
+// RMSNorm, SwiGLU and Add against float64, for a few rows, odd widths
+// (vector tails) and a prefill's worth of rows (split over the cores),
+// with outputs poisoned first.
 func TestRMSNormAndSwiGLU(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
-	x, w := randSlice(rng, 3*8), randSlice(rng, 8)
-	dst := make([]float32, len(x))
-	RMSNorm(dst, x, w, 1e-5)
-	want := make([]float64, len(x))
-	for r := range 3 {
-		var ss float64
-		for i := range 8 {
-			ss += float64(x[r*8+i]) * float64(x[r*8+i])
+	for _, sh := range []struct{ rows, dim int }{{3, 8}, {2, 17}, {5, 100}, {120, 768}, {1, 70001}} {
+		x, w := randSlice(rng, sh.rows*sh.dim), randSlice(rng, sh.dim)
+		dst, check := poisoned(len(x))
+		RMSNorm(dst, x, w, 1e-5)
+		check(t)
+		want := make([]float64, len(x))
+		for r := range sh.rows {
+			var ss float64
+			for i := range sh.dim {
+				ss += float64(x[r*sh.dim+i]) * float64(x[r*sh.dim+i])
+			}
+			inv := 1 / math.Sqrt(ss/float64(sh.dim)+1e-5)
+			for i := range sh.dim {
+				want[r*sh.dim+i] = float64(w[i]) * float64(x[r*sh.dim+i]) * inv
+			}
 		}
-		inv := 1 / math.Sqrt(ss/8+1e-5)
-		for i := range 8 {
-			want[r*8+i] = float64(w[i]) * float64(x[r*8+i]) * inv
+		assertClose(t, fmt.Sprintf("rmsnorm %v", sh), dst, want)
+		// In place, as the forward pass calls it.
+		RMSNorm(x, x, w, 1e-5)
+		assertClose(t, fmt.Sprintf("rmsnorm in place %v", sh), x, want)
+	}
+	for _, n := range []int{10, 31, 1000, 3 * 65536, 3*65536 + 7} {
+		g, u := randSlice(rng, n), randSlice(rng, n)
+		wantG, wantA := make([]float64, n), make([]float64, n)
+		for i := range g {
+			gi := float64(g[i])
+			wantG[i] = gi / (1 + math.Exp(-gi)) * float64(u[i])
+			wantA[i] = float64(float32(wantG[i])) + float64(u[i])
 		}
+		SwiGLU(g, u)
+		assertClose(t, fmt.Sprintf("swiglu %d", n), g, wantG)
+		for i := range g {
+			g[i] = float32(wantG[i])
+		}
+		Add(g, u)
+		assertClose(t, fmt.Sprintf("add %d", n), g, wantA)
 	}
-	assertClose(t, "rmsnorm", dst, want)
-
-	g, u := randSlice(rng, 10), randSlice(rng, 10)
-	wantG := make([]float64, 10)
-	for i := range g {
-		gi := float64(g[i])
-		wantG[i] = gi / (1 + math.Exp(-gi)) * float64(u[i])
-	}
-	SwiGLU(g, u)
-	assertClose(t, "swiglu", g, wantG)
 }
 
 // referenceAttention is the textbook definition in float64, one query at a time.
@@ -189,7 +206,7 @@ func BenchmarkLinear1024x768x768(b *testing.B) {
 	dst := make([]float32, 1024*768)
 	b.SetBytes(int64(4 * (len(x) + len(w) + len(dst))))
 	for b.Loop() {
-		Linear(Gonum{}, dst, x, w, nil, 1024, 768, 768)
+		Linear(Gonum{}, dst, x, MatF32(768, 768, w), nil, 1024)
 	}
 	b.ReportMetric(2*1024*768*768*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 }

@@ -3,7 +3,6 @@ package kernels
 import (
 	"math"
 	"runtime"
-	"sync"
 )
 
 // RowAttention is causal attention of query rows against the rows of a KV
@@ -35,77 +34,107 @@ type RowAttention struct {
 	Workers int
 }
 
+// AttendScratch holds the partial results and per-worker buffers of
+// Attend calls, reused from one call to the next so that a decode step
+// allocates nothing. One scratch serves one call at a time.
+type AttendScratch struct {
+	parts []rowPartial // per task and group
+	ws    []rowWorkspace
+	task  attendTask
+}
+
 // Attend computes, for the n new positions past…past+n−1 whose rows are
 // already in rows, out[g] = softmax(Scale·q[g]·Kᵀ)·V for every group g.
 // q[g] is (n·PerPosition)×KeyDim and out[g] (n·PerPosition)×ValueDim, rows
 // ordered by position, then by head. Query blocks and, for few queries and
-// long contexts, chunks of the context run in parallel.
-func (a RowAttention) Attend(be Backend, out, q [][]float32, n, past int, rows *Rows) {
+// long contexts, chunks of the context run in parallel. s may be nil (a
+// new scratch is made).
+func (a RowAttention) Attend(be Backend, s *AttendScratch, out, q [][]float32, n, past int, rows *Rows) {
 	if n <= 0 {
 		return
+	}
+	if s == nil {
+		s = &AttendScratch{}
 	}
 	total := past + n
 	workers := runtime.GOMAXPROCS(0)
 	if a.Workers > 0 {
-		workers = a.Workers
+		workers = min(workers, a.Workers)
 	}
-	// Query blocks of up to posBlock positions.
-	const posBlock = 64
-	blocks := (n + posBlock - 1) / posBlock
+	blocks := (n + attendPosBlock - 1) / attendPosBlock
 	// Split the context of each block when blocks alone cannot keep the
 	// cores busy and there is enough context to share.
 	pages := (total + rows.pageRows - 1) / rows.pageRows
 	splits := 1
-	if blocks < workers && pages >= 2*workers {
+	if blocks < workers && pages >= workers {
 		splits = max(1, workers/blocks)
 	}
-	type task struct{ block, split int }
-	tasks := make(chan task, blocks*splits)
-	// Later blocks see more context: hand them out first.
-	for b := blocks - 1; b >= 0; b-- {
-		for s := range splits {
-			tasks <- task{b, s}
-		}
+	tasks := blocks * splits
+	groups := len(q)
+	nr := min(n, attendPosBlock) * a.PerPosition
+	if len(s.parts) < tasks*groups {
+		s.parts = append(s.parts, make([]rowPartial, tasks*groups-len(s.parts))...)
 	}
-	close(tasks)
-	parts := make([][]rowPartial, blocks*splits)
-	workers = min(workers, blocks*splits)
+	for i := range s.parts[:tasks*groups] {
+		pt := &s.parts[i]
+		pt.m, pt.l, pt.o = grow(pt.m, nr), grow(pt.l, nr), grow(pt.o, nr*a.ValueDim)
+	}
+	if len(s.ws) < workers {
+		s.ws = append(s.ws, make([]rowWorkspace, workers-len(s.ws))...)
+	}
 	inner := be
-	if workers > 1 {
+	if workers > 1 && tasks > 1 {
 		inner = serialBackend(be)
 	}
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ws := &rowWorkspace{}
-			for t := range tasks {
-				p0 := t.block * posBlock
-				p1 := min(n, p0+posBlock)
-				// Context visible to the block: [lo, past+p1).
-				lo, hi := 0, past+p1
-				if a.Window > 0 {
-					lo = max(0, past+p0-a.Window+1)
-				}
-				// This split's share of whole pages.
-				pg0, pg1 := lo/rows.pageRows, (hi+rows.pageRows-1)/rows.pageRows
-				per := (pg1 - pg0 + splits - 1) / splits
-				s0 := max(lo, (pg0+t.split*per)*rows.pageRows)
-				s1 := min(hi, (pg0+(t.split+1)*per)*rows.pageRows)
-				parts[t.block*splits+t.split] = a.attendBlock(inner, ws, q, p0, p1, past, s0, s1, rows)
-			}
-		}()
-	}
-	wg.Wait()
+	t := &s.task
+	*t = attendTask{a: a, be: inner, s: s, q: q, n: n, past: past, rows: rows, blocks: blocks, splits: splits}
+	Parallel(workers, tasks, t)
 	for b := range blocks {
-		p0 := b * posBlock
-		p1 := min(n, p0+posBlock)
+		p0 := b * attendPosBlock
+		p1 := min(n, p0+attendPosBlock)
 		for g := range q {
 			r0, r1 := p0*a.PerPosition, p1*a.PerPosition
-			a.combine(out[g][r0*a.ValueDim:r1*a.ValueDim], parts[b*splits:(b+1)*splits], g, r1-r0)
+			a.combine(out[g][r0*a.ValueDim:r1*a.ValueDim], s.parts[b*splits*groups:(b+1)*splits*groups], g, groups, splits, r1-r0)
 		}
 	}
+	*t = attendTask{}
+}
+
+// attendPosBlock is the number of new positions one task attends for.
+const attendPosBlock = 64
+
+// attendTask is one Attend call's parallel work: task i is query block
+// blocks−1−i/splits (later blocks see more context: they go first) against
+// its share i%splits of the context.
+type attendTask struct {
+	a              RowAttention
+	be             Backend
+	s              *AttendScratch
+	q              [][]float32
+	n, past        int
+	rows           *Rows
+	blocks, splits int
+}
+
+// Run implements Task.
+func (t *attendTask) Run(w, i int) {
+	a, rows := t.a, t.rows
+	block, split := t.blocks-1-i/t.splits, i%t.splits
+	p0 := block * attendPosBlock
+	p1 := min(t.n, p0+attendPosBlock)
+	// Context visible to the block: [lo, past+p1).
+	lo, hi := 0, t.past+p1
+	if a.Window > 0 {
+		lo = max(0, t.past+p0-a.Window+1)
+	}
+	// This split's share of whole pages.
+	pg0, pg1 := lo/rows.pageRows, (hi+rows.pageRows-1)/rows.pageRows
+	per := (pg1 - pg0 + t.splits - 1) / t.splits
+	s0 := max(lo, (pg0+split*per)*rows.pageRows)
+	s1 := min(hi, (pg0+(split+1)*per)*rows.pageRows)
+	groups := len(t.q)
+	k := (block*t.splits + split) * groups
+	a.attendBlock(t.be, &t.s.ws[w], t.q, p0, p1, t.past, s0, s1, rows, t.s.parts[k:k+groups])
 }
 
 // rowPartial is one task's unnormalised result for one group: per query
@@ -117,34 +146,61 @@ type rowPartial struct {
 // rowWorkspace is one worker's scratch.
 type rowWorkspace struct {
 	page, scores []float32
+	// qp holds a block's queries of every group prepared for the bf16 page
+	// kernels.
+	qp []float32
 }
 
 // attendBlock runs positions [p0, p1) of the new rows against context rows
-// [s0, s1) and returns the partial results of every group.
-func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p0, p1, past, s0, s1 int, rows *Rows) []rowPartial {
+// [s0, s1) into parts, one partial result per group.
+func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p0, p1, past, s0, s1 int, rows *Rows, parts []rowPartial) {
 	per, dk, dv, w := a.PerPosition, a.KeyDim, a.ValueDim, rows.width
 	nr := (p1 - p0) * per
-	parts := make([]rowPartial, len(q))
 	for g := range parts {
-		pt := rowPartial{m: make([]float32, nr), l: make([]float32, nr), o: make([]float32, nr*dv)}
+		pt := &parts[g]
+		pt.m, pt.l, pt.o = pt.m[:nr], pt.l[:nr], pt.o[:nr*dv]
 		for i := range pt.m {
 			pt.m[i] = float32(math.Inf(-1))
 		}
-		parts[g] = pt
+		clear(pt.l)
+		clear(pt.o)
 	}
 	if s0 >= s1 {
-		return parts
+		return
 	}
-	if cap(ws.page) < rows.pageRows*w {
-		ws.page = make([]float32, rows.pageRows*w)
+	// A few query rows (decoding) read 16-bit rows as they are, widening
+	// in the kernels; more rows pay for widening a page once.
+	direct := rows.dtype != RowF32 && nr <= smallRows && smallBlocks16SIMD()
+	if !direct {
+		ws.page = grow(ws.page, rows.pageRows*w)
 	}
-	if cap(ws.scores) < nr*rows.pageRows {
-		ws.scores = make([]float32, nr*rows.pageRows)
+	// bf16 rows of whole 32-value blocks go through the page kernels,
+	// which want the queries de-interleaved.
+	paged := direct && rows.dtype == RowBF16 && dk%32 == 0 && dv%32 == 0 && pageKernelsBF16()
+	if paged {
+		ws.qp = grow(ws.qp, len(q)*nr*dk)
+		for g, qg := range q {
+			for i := range nr {
+				prepareX16(ws.qp[(g*nr+i)*dk:(g*nr+i+1)*dk], qg[(p0*per+i)*dk:(p0*per+i+1)*dk], RowBF16, 32)
+			}
+		}
 	}
+	ws.scores = grow(ws.scores, nr*rows.pageRows)
+	var tile []float32
+	var tile16, next16 []uint16
 	for t0 := s0; t0 < s1; {
 		pg, o0 := t0/rows.pageRows, t0%rows.pageRows
 		t1 := min(s1, (pg+1)*rows.pageRows)
-		tile := rows.page(ws.page, pg, o0, o0+t1-t0)
+		if direct {
+			tile16 = rows.page16(pg, o0, o0+t1-t0)
+			// The page this task reads next, to be prefetched.
+			next16 = nil
+			if t1 < s1 {
+				next16 = rows.page16(pg+1, 0, 1)
+			}
+		} else {
+			tile = rows.page(ws.page, pg, o0, o0+t1-t0)
+		}
 		nt := t1 - t0
 		// Query rows that see part of [t0, t1): positions P with P ≥ t0 and,
 		// with a window, P−Window+1 < t1. Positions grow with the row index.
@@ -161,8 +217,18 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 		rn := r1 - r0
 		s := ws.scores[:rn*nt]
 		for g, qg := range q {
-			pt := parts[g]
-			scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
+			pt := &parts[g]
+			switch {
+			case paged:
+				for c := 0; c < rn; c += 6 {
+					scoresPageBF16(min(6, rn-c), nt, dk, ws.qp[(g*nr+r0+c)*dk:], tile16[a.KeyOffsets[g]:], w, s[c*nt:], nt, offset(next16, a.KeyOffsets[g]))
+				}
+				scale(s[:rn*nt], a.Scale)
+			case direct:
+				scoresRows16(rows.dtype, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile16[a.KeyOffsets[g]:], w, s)
+			default:
+				scoresRows(be, rn, nt, dk, a.Scale, qg[(p0*per+r0)*dk:], tile[a.KeyOffsets[g]:], w, s)
+			}
 			for r := range rn {
 				pos := past + p0 + (r0+r)/per
 				vis0, vis1 := t0, min(t1, pos+1)
@@ -182,11 +248,19 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 					scale(pt.o[i*dv:(i+1)*dv], alpha)
 				}
 			}
-			weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			switch {
+			case paged:
+				for c := 0; c < rn; c += 6 {
+					wsumPageBF16(min(6, rn-c), nt, dv, s[c*nt:], nt, tile16[a.ValueOffsets[g]:], w, pt.o[(r0+c)*dv:], offset(next16, a.ValueOffsets[g]))
+				}
+			case direct:
+				weightedSumRows16(rows.dtype, rn, nt, dv, s, tile16[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			default:
+				weightedSumRows(be, rn, nt, dv, s, tile[a.ValueOffsets[g]:], w, pt.o[r0*dv:])
+			}
 		}
 		t0 = t1
 	}
-	return parts
 }
 
 // smallRows is the query-row count up to which scores and weighted sums
@@ -197,8 +271,18 @@ const smallRows = 16
 // scoresRows writes s[r·nt+j] = alpha·q_r·key_j for rn query rows (stride
 // dk) against nt keys (stride w).
 func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w int, s []float32) {
-	if rn > smallRows || !smallBlocksSIMD() {
+	if rn > smallRows {
 		be.Gemm(false, true, rn, nt, dk, alpha, q, dk, keys, w, 0, s, nt)
+		return
+	}
+	if !smallBlocksSIMD() {
+		// Portable code: plain dot products, no packing (and nothing
+		// allocated per decode step).
+		for r := range rn {
+			for j := range nt {
+				s[r*nt+j] = alpha * dotGo(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk])
+			}
+		}
 		return
 	}
 	for r0 := 0; r0 < rn; r0 += 4 {
@@ -224,8 +308,16 @@ func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w 
 // weightedSumRows adds s·V to o: rn rows of weights over nt cached values
 // (stride w) of dv values each.
 func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o []float32) {
-	if rn > smallRows || !smallBlocksSIMD() {
+	if rn > smallRows {
 		be.Gemm(false, false, rn, dv, nt, 1, s, nt, values, w, 1, o, dv)
+		return
+	}
+	if !smallBlocksSIMD() {
+		for r := range rn {
+			for t := range nt {
+				axpy(s[r*nt+t], values[t*w:t*w+dv], o[r*dv:(r+1)*dv])
+			}
+		}
 		return
 	}
 	for r0 := 0; r0 < rn; r0 += 4 {
@@ -242,20 +334,88 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 	}
 }
 
-// combine merges the partial results of one group over the context splits
-// and writes the normalised rows to out.
-func (a RowAttention) combine(out []float32, parts [][]rowPartial, g, nr int) {
+// dotGo is Σ x[i]·y[i] with four partial sums, the portable dot product.
+func dotGo(x, y []float32) float32 {
+	y = y[:len(x)]
+	var s0, s1, s2, s3 float32
+	i := 0
+	for ; i+4 <= len(x); i += 4 {
+		s0 += x[i] * y[i]
+		s1 += x[i+1] * y[i+1]
+		s2 += x[i+2] * y[i+2]
+		s3 += x[i+3] * y[i+3]
+	}
+	for ; i < len(x); i++ {
+		s0 += x[i] * y[i]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+// offset is s[i:], or nil for an empty s.
+func offset(s []uint16, i int) []uint16 {
+	if len(s) == 0 {
+		return nil
+	}
+	return s[i:]
+}
+
+// scoresRows16 is scoresRows for 16-bit keys of dtype dt, read as stored.
+func scoresRows16(dt RowDType, rn, nt, dk int, alpha float32, q []float32, keys []uint16, w int, s []float32) {
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		j0 := 0
+		for ; j0+4 <= nt; j0 += 4 {
+			scoresBlock16SIMD(dt, rows, dk, q[r0*dk:], dk, keys[j0*w:], w, s[r0*nt+j0:], nt)
+		}
+		for r := r0; r < r0+rows; r++ {
+			for j := j0; j < nt; j++ {
+				s[r*nt+j] = dot16(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk], dt)
+			}
+		}
+	}
+	scale(s[:rn*nt], alpha)
+}
+
+// weightedSumRows16 is weightedSumRows for 16-bit values of dtype dt.
+func weightedSumRows16(dt RowDType, rn, nt, dv int, s []float32, values []uint16, w int, o []float32) {
+	var buf [512]float32
+	for r0 := 0; r0 < rn; r0 += 4 {
+		rows := min(4, rn-r0)
+		t0 := 0
+		for ; t0+4 <= nt; t0 += 4 {
+			wsumBlock16SIMD(dt, rows, dv, s[r0*nt+t0:], nt, values[t0*w:], w, o[r0*dv:], dv)
+		}
+		for t := t0; t < nt; t++ {
+			for c0 := 0; c0 < dv; c0 += len(buf) {
+				c1 := min(dv, c0+len(buf))
+				v := buf[:c1-c0]
+				if dt == RowBF16 {
+					widenBF16(v, values[t*w+c0:t*w+c1])
+				} else {
+					widenF16(v, values[t*w+c0:t*w+c1])
+				}
+				for r := r0; r < r0+rows; r++ {
+					axpy(s[r*nt+t], v, o[r*dv+c0:r*dv+c1])
+				}
+			}
+		}
+	}
+}
+
+// combine merges the partial results of group g over the splits of one
+// block (parts: splits × groups) and writes the normalised rows to out.
+func (a RowAttention) combine(out []float32, parts []rowPartial, g, groups, splits, nr int) {
 	dv := a.ValueDim
 	for i := range nr {
 		m := float32(math.Inf(-1))
-		for _, p := range parts {
-			m = max(m, p[g].m[i])
+		for sp := range splits {
+			m = max(m, parts[sp*groups+g].m[i])
 		}
 		dst := out[i*dv : (i+1)*dv]
 		clear(dst)
 		var l float32
-		for _, p := range parts {
-			pt := p[g]
+		for sp := range splits {
+			pt := parts[sp*groups+g]
 			if pt.l[i] == 0 {
 				continue
 			}

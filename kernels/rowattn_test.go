@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/safetensors"
 )
 
 // naiveRowAttention is the float64 definition: every query row against
@@ -65,7 +67,23 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 		{"mla prefill", 1, 5, 24, 16, true, 200, 0, 0, 16, RowBF16},
 		{"window decode", 2, 2, 8, 8, false, 1, 400, 37, 16, RowF32},
 		{"window prefill", 1, 4, 24, 16, true, 130, 20, 50, 16, RowBF16},
+		// Decoding reads 16-bit rows as stored (odd widths, part pages).
+		{"gqa decode bf16", 2, 3, 24, 20, false, 1, 301, 0, 32, RowBF16},
+		{"gqa decode f16 window", 2, 2, 8, 8, false, 2, 400, 37, 16, RowF16},
+		{"mla decode f16", 1, 6, 40, 32, true, 1, 999, 0, 64, RowF16},
+		{"mla decode few bf16", 1, 5, 36, 19, true, 3, 130, 0, 16, RowBF16},
+		// bf16 rows of whole 32-value blocks: the page kernels, 1 to 6
+		// query rows at a time (8 heads: 6 + 2; 2 positions of 5: 6 + 4).
+		{"paged gqa 1 row", 3, 1, 64, 32, false, 1, 301, 0, 32, RowBF16},
+		{"paged gqa 3 rows", 2, 3, 128, 128, false, 1, 1000, 0, 128, RowBF16},
+		{"paged gqa 4 rows window", 2, 4, 32, 64, false, 1, 400, 50, 16, RowBF16},
+		{"paged mla 6 heads", 1, 6, 96, 64, true, 1, 777, 0, 64, RowBF16},
+		{"paged mla 8 heads", 1, 8, 64, 32, true, 1, 250, 0, 128, RowBF16},
+		{"paged mla 2 positions of 5", 1, 5, 64, 32, true, 2, 133, 0, 16, RowBF16},
 	}
+	// One scratch for every case, so that its reuse across shapes is
+	// tested; each case also runs with a fresh one.
+	shared := &AttendScratch{}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(i), 11))
@@ -102,15 +120,19 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 					q[g][j] = 2 * float32(rng.NormFloat64())
 				}
 				out[g] = make([]float32, tc.n*tc.per*tc.dv)
-				for j := range out[g] {
-					out[g][j] = float32(math.NaN()) // poisoned: every value must be written
-				}
 			}
-			a.Attend(NewNative(), out, q, tc.n, tc.past, rows)
 			want := naiveRowAttention(a, q, tc.n, tc.past, stored, width)
-			for g := range q {
-				if e := relErr(out[g], want[g]); !(e < 2e-5) {
-					t.Errorf("group %d: relative error %.3g", g, e)
+			for _, scratch := range []*AttendScratch{nil, shared} {
+				for g := range out {
+					for j := range out[g] {
+						out[g][j] = float32(math.NaN()) // poisoned: every value must be written
+					}
+				}
+				a.Attend(NewNative(), scratch, out, q, tc.n, tc.past, rows)
+				for g := range q {
+					if e := relErr(out[g], want[g]); !(e < 2e-5) {
+						t.Errorf("scratch %v, group %d: relative error %.3g", scratch != nil, g, e)
+					}
 				}
 			}
 		})
@@ -167,6 +189,37 @@ func TestRowsStoreRoundsAndCountsPages(t *testing.T) {
 	}
 }
 
+// A prefill's write, converted on all cores, stores every value as the
+// scalar conversion does, across pages, after rows already there.
+func TestRowsLargeWrite(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	for _, dt := range []RowDType{RowF32, RowBF16, RowF16} {
+		const width, rows = 40, 3001
+		r := NewRows(width, 128, dt)
+		head := randSlice(rng, 5*width)
+		r.Write(0, head)
+		src := randSlice(rng, rows*width)
+		r.Write(5, src)
+		if r.Len() != 5+rows {
+			t.Fatalf("%v: %d rows, want %d", dt, r.Len(), 5+rows)
+		}
+		got := make([]float32, (5+rows)*width)
+		r.Read(got, 0, 5+rows)
+		for i, v := range append(head, src...) {
+			want := v
+			switch dt {
+			case RowBF16:
+				want = safetensors.BF16ToFloat32(safetensors.Float32ToBF16(v))
+			case RowF16:
+				want = safetensors.F16ToFloat32(safetensors.Float32ToF16(v))
+			}
+			if got[i] != want {
+				t.Fatalf("%v: value %d stored as %v, want %v", dt, i, got[i], want)
+			}
+		}
+	}
+}
+
 func TestWidenBF16MatchesScalar(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for _, n := range []int{0, 1, 15, 16, 17, 63, 64, 65, 200} {
@@ -194,10 +247,10 @@ func BenchmarkRowAttentionDecode(b *testing.B) {
 				rows.Write(0, make([]float32, ctx*256))
 				q := [][]float32{make([]float32, 6*256)}
 				out := [][]float32{make([]float32, 6*192)}
-				be := NewNative()
+				be, scratch := NewNative(), &AttendScratch{}
 				b.SetBytes(rows.BytesAllocated())
 				for b.Loop() {
-					a.Attend(be, out, q, 1, ctx-1, rows)
+					a.Attend(be, scratch, out, q, 1, ctx-1, rows)
 				}
 			})
 		}

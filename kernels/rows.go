@@ -107,7 +107,21 @@ func (r *Rows) Write(i int, src []float32) {
 		panic(fmt.Sprintf("kernels: row write at %d leaves a gap after %d rows", i, r.n))
 	}
 	r.Reserve(i + rows)
-	for k := range rows {
+	if per := max(1, parallelElems/r.width); rows >= 2*per {
+		// A prefill's rows are converted on all cores.
+		Parallel(0, (rows+per-1)/per, TaskFunc(func(_, c int) {
+			r.writeRows(i, src, c*per, min(rows, (c+1)*per))
+		}))
+	} else {
+		r.writeRows(i, src, 0, rows)
+	}
+	r.n = i + rows
+}
+
+// writeRows stores rows [k0, k1) of src at positions i+k0…; the pages are
+// reserved.
+func (r *Rows) writeRows(i int, src []float32, k0, k1 int) {
+	for k := k0; k < k1; k++ {
 		p, o := (i+k)/r.pageRows, (i+k)%r.pageRows*r.width
 		row := src[k*r.width : (k+1)*r.width]
 		switch r.dtype {
@@ -125,7 +139,6 @@ func (r *Rows) Write(i int, src []float32) {
 			}
 		}
 	}
-	r.n = i + rows
 }
 
 // Read widens rows [i0, i1) into dst, (i1−i0)×Width values.
@@ -147,9 +160,7 @@ func (r *Rows) readPage(dst []float32, p, o0, o1 int) {
 	case RowBF16:
 		widenBF16(dst, r.pages16[p][lo:hi])
 	case RowF16:
-		for j, h := range r.pages16[p][lo:hi] {
-			dst[j] = safetensors.F16ToFloat32(h)
-		}
+		widenF16(dst, r.pages16[p][lo:hi])
 	}
 }
 
@@ -162,6 +173,11 @@ func (r *Rows) page(buf []float32, p, o0, o1 int) []float32 {
 	buf = buf[:(o1-o0)*r.width]
 	r.readPage(buf, p, o0, o1)
 	return buf
+}
+
+// page16 returns rows [o0, o1) of page p of a 16-bit store as stored.
+func (r *Rows) page16(p, o0, o1 int) []uint16 {
+	return r.pages16[p][o0*r.width : o1*r.width]
 }
 
 // widenBF16 writes the float32 value of every bfloat16 in src to dst; the

@@ -48,6 +48,10 @@ func padLatent(cfg Config, l *Layer) (*Layer, error) {
 	}
 	dc, n, dr, D := m.KVLoraRank, m.storedLatent(), m.QKRopeHeadDim, cfg.HiddenSize
 	ml := l.MLA
+	// The unpadded latent weights are rescaled (readScale), so a model
+	// that keeps its stored dtype holds these two in float32.
+	ml.KVA.W, ml.KVA.W16 = ml.KVA.Float32(), Bits16{}
+	ml.KVB.W, ml.KVB.W16 = ml.KVB.Float32(), Bits16{}
 	if len(ml.KVA.W) != (dc+dr)*D || len(ml.KVB.W)%dc != 0 {
 		return nil, fmt.Errorf("pad latent: kv_a_proj_with_mqa has %d values, want (%d+%d)×%d", len(ml.KVA.W), dc, dr, D)
 	}
@@ -89,6 +93,10 @@ func unpadLatent(cfg Config, li int, l *Layer) error {
 	}
 	dc, n, dr, D := m.KVLoraRank, m.storedLatent(), m.QKRopeHeadDim, cfg.HiddenSize
 	ml := l.MLA
+	// The unpadded latent weights are rescaled (readScale), so a model
+	// that keeps its stored dtype holds these two in float32.
+	ml.KVA.W, ml.KVA.W16 = ml.KVA.Float32(), Bits16{}
+	ml.KVB.W, ml.KVB.W16 = ml.KVB.Float32(), Bits16{}
 	nonZero := func(vals []float32) bool {
 		for _, v := range vals {
 			if v != 0 {

@@ -3,6 +3,7 @@ package model
 import (
 	"context"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 
@@ -135,5 +136,34 @@ func TestNonZeroPaddingRefused(t *testing.T) {
 	_, err = Load(context.Background(), dir, nil)
 	if err == nil || !strings.Contains(err.Error(), "not zero") || !strings.Contains(err.Error(), "remove transmla.latent_rank") {
 		t.Fatalf("loading non-zero padding: %v", err)
+	}
+}
+
+// A padded bf16 model loaded with its stored dtype unpads as the float32
+// load does (the kernels' 16-bit path holds no rescaled latent).
+func TestLatentPaddingKeepDType(t *testing.T) {
+	m := paddedModel(mlaConfig(true, rope.Scaling{}), 40, 3)
+	dir := writeModel(t, m, safetensors.BF16)
+	wide, err := Load(context.Background(), dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := LoadWith(context.Background(), dir, LoadOptions{KeepDType: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range wide.Layers {
+		w, k := wide.Layers[i].MLA, kept.Layers[i].MLA
+		for _, p := range []struct {
+			name       string
+			want, have Linear
+		}{{"kv_a_proj_with_mqa", w.KVA, k.KVA}, {"kv_b_proj", w.KVB, k.KVB}, {"q_proj (kept 16-bit)", w.Q, k.Q}} {
+			if !slices.Equal(p.have.Float32(), p.want.Float32()) {
+				t.Errorf("layer %d %s: the KeepDType load differs from the float32 one", i, p.name)
+			}
+		}
+		if k.Q.W16.Bits == nil {
+			t.Errorf("layer %d: q_proj was widened; KeepDType keeps it 16-bit", i)
+		}
 	}
 }

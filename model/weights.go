@@ -2,6 +2,7 @@ package model
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"math"
@@ -13,10 +14,46 @@ import (
 )
 
 // Linear is a dense projection y = W·x + b in nn.Linear layout: W is Out×In,
-// row-major; B is nil or has Out entries.
+// row-major; B is nil or has Out entries. The weights are float32 in W, or,
+// in a model loaded with LoadOptions.KeepDType, the checkpoint's 16-bit
+// values in W16 (W nil): Float32 gives them as float32 either way.
 type Linear struct {
-	W []float32
-	B []float32
+	W   []float32
+	W16 Bits16
+	B   []float32
+}
+
+// Float32 returns the weights as float32: W itself, or W16 widened into a
+// new slice.
+func (l Linear) Float32() []float32 {
+	if l.W != nil {
+		return l.W
+	}
+	return l.W16.Float32()
+}
+
+// Bits16 is a tensor held as the 16-bit values it is stored with, BF16 or
+// F16, so that a model's weights take the memory they take on disk; the
+// kernels widen them to float32 exactly as they read them.
+type Bits16 struct {
+	DType safetensors.DType
+	Bits  []uint16
+}
+
+// Float32 returns the values widened to float32 (exact), nil for none.
+func (b Bits16) Float32() []float32 {
+	if b.Bits == nil {
+		return nil
+	}
+	out := make([]float32, len(b.Bits))
+	conv := safetensors.BF16ToFloat32
+	if b.DType == safetensors.F16 {
+		conv = safetensors.F16ToFloat32
+	}
+	for i, h := range b.Bits {
+		out[i] = conv(h)
+	}
+	return out
 }
 
 // Layer holds one decoder block's weights. GQA layers use Q, K, V and O;
@@ -29,13 +66,18 @@ type Layer struct {
 	Gate, Up, Down Linear
 }
 
-// Model is a loaded checkpoint with float32 weights.
+// Model is a loaded checkpoint. Its weights are float32, except in a
+// model loaded with LoadOptions.KeepDType, whose bf16 and f16 matrices
+// (projections, embeddings and LM head) keep their stored 16-bit values
+// (Linear.W16, Embed16); norms and biases are always float32.
 type Model struct {
 	Config Config
-	Embed  []float32 // VocabSize×HiddenSize
-	Layers []Layer
-	Norm   []float32
-	// LMHead shares its W with Embed when the embeddings are tied.
+	Embed  []float32 // VocabSize×HiddenSize; nil when Embed16 holds it
+	// Embed16 is the token embedding as stored, in a KeepDType model.
+	Embed16 Bits16
+	Layers  []Layer
+	Norm    []float32
+	// LMHead shares its weights with the embedding when they are tied.
 	LMHead Linear
 	// StorageDType is the dtype of the attention weights on disk; the KV cache
 	// is reported in it.
@@ -62,15 +104,33 @@ func AttentionDType(ckpt *safetensors.Checkpoint) (safetensors.DType, bool) {
 }
 
 // Load reads config.json and the safetensors weights of the checkpoint
-// directory dir. progress, when not nil, is called after each tensor with
-// the number done and the total.
+// directory dir as float32. progress, when not nil, is called after each
+// tensor with the number done and the total.
 func Load(ctx context.Context, dir string, progress func(done, total int)) (*Model, error) {
+	return LoadWith(ctx, dir, LoadOptions{Progress: progress})
+}
+
+// LoadOptions configures LoadWith.
+type LoadOptions struct {
+	// KeepDType keeps bf16 and f16 matrices as their stored 16-bit values
+	// (Linear.W16, Model.Embed16) instead of widening them to float32:
+	// half the memory, and what the kernels read fastest. Other dtypes are
+	// read as float32.
+	KeepDType bool
+	// Progress, when not nil, is called after each tensor with the number
+	// done and the total.
+	Progress func(done, total int)
+}
+
+// LoadWith reads config.json and the safetensors weights of the
+// checkpoint directory dir as opts says.
+func LoadWith(ctx context.Context, dir string, opts LoadOptions) (*Model, error) {
 	r, err := OpenReader(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer r.Close()
-	return r.load(ctx, progress)
+	return r.load(ctx, opts)
 }
 
 // Reader gives access to a checkpoint one part at a time, so that a
@@ -157,24 +217,24 @@ func (r *Reader) Close() error { return r.ckpt.Close() }
 // Embed reads the token embedding (VocabSize×HiddenSize).
 func (r *Reader) Embed() ([]float32, error) {
 	var e []float32
-	return e, r.read(context.Background(), []tensorReq{embedReq(r.cfg, &e)}, nil)
+	return e, r.read(context.Background(), []tensorReq{embedReq(r.cfg, &e, nil)}, LoadOptions{})
 }
 
 // Norm reads the final RMSNorm weight.
 func (r *Reader) Norm() ([]float32, error) {
 	var n []float32
-	return n, r.read(context.Background(), []tensorReq{normReq(r.cfg, &n)}, nil)
+	return n, r.read(context.Background(), []tensorReq{normReq(r.cfg, &n)}, LoadOptions{})
 }
 
 // LMHead reads the output projection; with tied embeddings it is the
 // token embedding.
 func (r *Reader) LMHead() (Linear, error) {
 	var l Linear
-	req := embedReq(r.cfg, &l.W)
+	req := embedReq(r.cfg, &l.W, nil)
 	if !r.cfg.TieWordEmbeddings {
-		req = headReq(r.cfg, &l.W)
+		req = headReq(r.cfg, &l.W, nil)
 	}
-	return l, r.read(context.Background(), []tensorReq{req}, nil)
+	return l, r.read(context.Background(), []tensorReq{req}, LoadOptions{})
 }
 
 // Layer reads and checks decoder layer i's tensors only.
@@ -183,7 +243,7 @@ func (r *Reader) Layer(ctx context.Context, i int) (*Layer, error) {
 		return nil, fmt.Errorf("checkpoint %s: layer %d out of range [0, %d)", strings.Join(r.ckpt.Files(), ", "), i, r.cfg.NumLayers)
 	}
 	l := &Layer{}
-	if err := r.read(ctx, layerReqs(r.cfg, i, l), nil); err != nil {
+	if err := r.read(ctx, layerReqs(r.cfg, i, l), LoadOptions{}); err != nil {
 		return nil, err
 	}
 	return l, unpadLatent(r.cfg, i, l)
@@ -204,7 +264,7 @@ func (r *Reader) AttentionLayer(ctx context.Context, i int) (*Layer, error) {
 			reqs = append(reqs, req)
 		}
 	}
-	if err := r.read(ctx, reqs, nil); err != nil {
+	if err := r.read(ctx, reqs, LoadOptions{}); err != nil {
 		return nil, err
 	}
 	return l, unpadLatent(r.cfg, i, l)
@@ -274,10 +334,10 @@ func (r *Reader) WriteTensor(ctx context.Context, name string, dt safetensors.DT
 }
 
 // load reads the whole model, reporting progress over all its tensors.
-func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Model, error) {
+func (r *Reader) load(ctx context.Context, opts LoadOptions) (*Model, error) {
 	cfg := r.cfg
 	m := &Model{Config: cfg, Layers: make([]Layer, cfg.NumLayers), StorageDType: r.dtype}
-	if err := r.read(ctx, r.allReqs(m), progress); err != nil {
+	if err := r.read(ctx, r.allReqs(m), opts); err != nil {
 		return nil, err
 	}
 	for i := range m.Layers {
@@ -286,7 +346,7 @@ func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Mod
 		}
 	}
 	if cfg.TieWordEmbeddings {
-		m.LMHead.W = m.Embed
+		m.LMHead.W, m.LMHead.W16 = m.Embed, m.Embed16
 	}
 	return m, nil
 }
@@ -294,9 +354,9 @@ func (r *Reader) load(ctx context.Context, progress func(done, total int)) (*Mod
 // allReqs lists every tensor of the model, to be read into m, whose
 // Layers must have cfg.NumLayers entries.
 func (r *Reader) allReqs(m *Model) []tensorReq {
-	reqs := []tensorReq{embedReq(r.cfg, &m.Embed), normReq(r.cfg, &m.Norm)}
+	reqs := []tensorReq{embedReq(r.cfg, &m.Embed, &m.Embed16), normReq(r.cfg, &m.Norm)}
 	if !r.cfg.TieWordEmbeddings {
-		reqs = append(reqs, headReq(r.cfg, &m.LMHead.W))
+		reqs = append(reqs, headReq(r.cfg, &m.LMHead.W, &m.LMHead.W16))
 	}
 	for i := range m.Layers {
 		reqs = append(reqs, layerReqs(r.cfg, i, &m.Layers[i])...)
@@ -304,23 +364,35 @@ func (r *Reader) allReqs(m *Model) []tensorReq {
 	return reqs
 }
 
-// tensorReq is one tensor the model needs, with the shape config.json implies.
+// tensorReq is one tensor the model needs, with the shape config.json
+// implies. dst16, when not nil, may receive it instead of dst as its
+// 16-bit values (matrices of a KeepDType load).
 type tensorReq struct {
 	name  string
 	shape []int
 	dst   *[]float32
+	dst16 *Bits16
 }
 
-func embedReq(cfg Config, dst *[]float32) tensorReq {
-	return tensorReq{"model.embed_tokens.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst}
+// values is the tensor's data as float32 (widened from dst16 if dst is
+// empty).
+func (r tensorReq) values() []float32 {
+	if *r.dst == nil && r.dst16 != nil && r.dst16.Bits != nil {
+		return r.dst16.Float32()
+	}
+	return *r.dst
+}
+
+func embedReq(cfg Config, dst *[]float32, dst16 *Bits16) tensorReq {
+	return tensorReq{"model.embed_tokens.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst, dst16}
 }
 
 func normReq(cfg Config, dst *[]float32) tensorReq {
-	return tensorReq{"model.norm.weight", []int{cfg.HiddenSize}, dst}
+	return tensorReq{"model.norm.weight", []int{cfg.HiddenSize}, dst, nil}
 }
 
-func headReq(cfg Config, dst *[]float32) tensorReq {
-	return tensorReq{"lm_head.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst}
+func headReq(cfg Config, dst *[]float32, dst16 *Bits16) tensorReq {
+	return tensorReq{"lm_head.weight", []int{cfg.VocabSize, cfg.HiddenSize}, dst, dst16}
 }
 
 // layerReqs lists layer i's tensors, GQA or MLA as cfg says, to be read
@@ -329,13 +401,13 @@ func layerReqs(cfg Config, i int, l *Layer) []tensorReq {
 	D, I := cfg.HiddenSize, cfg.IntermediateSize
 	p := fmt.Sprintf("model.layers.%d.", i)
 	reqs := []tensorReq{
-		{p + "input_layernorm.weight", []int{D}, &l.AttnNorm},
-		{p + "post_attention_layernorm.weight", []int{D}, &l.MLPNorm},
+		{p + "input_layernorm.weight", []int{D}, &l.AttnNorm, nil},
+		{p + "post_attention_layernorm.weight", []int{D}, &l.MLPNorm, nil},
 	}
 	linear := func(name string, l *Linear, out, in int, bias bool) {
-		reqs = append(reqs, tensorReq{p + name + ".weight", []int{out, in}, &l.W})
+		reqs = append(reqs, tensorReq{p + name + ".weight", []int{out, in}, &l.W, &l.W16})
 		if bias {
-			reqs = append(reqs, tensorReq{p + name + ".bias", []int{out}, &l.B})
+			reqs = append(reqs, tensorReq{p + name + ".bias", []int{out}, &l.B, nil})
 		}
 	}
 	if m := cfg.MLA; m != nil {
@@ -349,7 +421,7 @@ func layerReqs(cfg Config, i int, l *Layer) []tensorReq {
 		dc := m.storedLatent()
 		linear("self_attn.kv_a_proj_with_mqa", &l.MLA.KVA, dc+m.QKRopeHeadDim, D, m.KVABias)
 		if m.KVANorm {
-			reqs = append(reqs, tensorReq{p + "self_attn.kv_a_layernorm.weight", []int{dc}, &l.MLA.KVANorm})
+			reqs = append(reqs, tensorReq{p + "self_attn.kv_a_layernorm.weight", []int{dc}, &l.MLA.KVANorm, nil})
 		}
 		linear("self_attn.kv_b_proj", &l.MLA.KVB, H*(m.QKNopeHeadDim+m.VHeadDim), dc, false)
 		linear("self_attn.o_proj", &l.O, D, H*m.VHeadDim, cfg.OBias)
@@ -367,21 +439,61 @@ func layerReqs(cfg Config, i int, l *Layer) []tensorReq {
 }
 
 // read loads reqs in order, checking ctx between tensors.
-func (r *Reader) read(ctx context.Context, reqs []tensorReq, progress func(done, total int)) error {
+func (r *Reader) read(ctx context.Context, reqs []tensorReq, opts LoadOptions) error {
 	for i, req := range reqs {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		data, err := readTensor(r.ckpt, req)
+		info, err := checkTensor(r.ckpt, req)
 		if err != nil {
 			return err
 		}
-		*req.dst = data
-		if progress != nil {
-			progress(i+1, len(reqs))
+		if opts.KeepDType && req.dst16 != nil && (info.DType == safetensors.BF16 || info.DType == safetensors.F16) {
+			bits, err := readBits16(r.ckpt, info)
+			if err != nil {
+				return err
+			}
+			*req.dst, *req.dst16 = nil, Bits16{DType: info.DType, Bits: bits}
+		} else {
+			data, err := readTensor(r.ckpt, req)
+			if err != nil {
+				return err
+			}
+			*req.dst = data
+			if req.dst16 != nil {
+				*req.dst16 = Bits16{}
+			}
+		}
+		if opts.Progress != nil {
+			opts.Progress(i+1, len(reqs))
 		}
 	}
 	return nil
+}
+
+// readBits16 copies the stored values of a BF16 or F16 tensor, refusing
+// NaN and infinities as readTensor does (tested on the bits).
+func readBits16(ckpt *safetensors.Checkpoint, info safetensors.TensorInfo) ([]uint16, error) {
+	n := int(info.Bytes / 2)
+	bits := make([]uint16, n)
+	err := ckpt.ReadStored(info.Name, func(chunk []byte, first int) error {
+		if k := safetensors.FirstNonFinite(chunk, info.DType); k >= 0 {
+			v := make([]float32, 1)
+			if err := safetensors.DecodeToFloat32(v, chunk[2*k:2*k+2], info.DType); err != nil {
+				return err
+			}
+			return nonFinite(info, v[0], first+k)
+		}
+		dst := bits[first : first+len(chunk)/2]
+		for j := range dst {
+			dst[j] = binary.LittleEndian.Uint16(chunk[2*j:])
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return bits, nil
 }
 
 // checkTensor checks that the tensor r asks for exists with r's shape and
@@ -485,9 +597,9 @@ func LayerTensorShapes(cfg Config, i int) []safetensors.TensorInfo {
 // shapes that Load expects (no lm_head with tied embeddings).
 func (m *Model) Tensors(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 	cfg := m.Config
-	reqs := []tensorReq{embedReq(cfg, &m.Embed), normReq(cfg, &m.Norm)}
+	reqs := []tensorReq{embedReq(cfg, &m.Embed, &m.Embed16), normReq(cfg, &m.Norm)}
 	if !cfg.TieWordEmbeddings {
-		reqs = append(reqs, headReq(cfg, &m.LMHead.W))
+		reqs = append(reqs, headReq(cfg, &m.LMHead.W, &m.LMHead.W16))
 	}
 	out, err := specs(reqs, dt)
 	if err != nil {
@@ -513,10 +625,11 @@ func specs(reqs []tensorReq, dt safetensors.DType) ([]safetensors.TensorSpec, er
 		for _, d := range r.shape {
 			n *= d
 		}
-		if len(*r.dst) != n {
-			return nil, fmt.Errorf("tensor %q: %d values for shape %v", r.name, len(*r.dst), r.shape)
+		values := r.values()
+		if len(values) != n {
+			return nil, fmt.Errorf("tensor %q: %d values for shape %v", r.name, len(values), r.shape)
 		}
-		out = append(out, safetensors.Float32Tensor(r.name, dt, r.shape, *r.dst))
+		out = append(out, safetensors.Float32Tensor(r.name, dt, r.shape, values))
 	}
 	return out, nil
 }

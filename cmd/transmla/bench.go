@@ -6,6 +6,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,7 +36,14 @@ type benchResult struct {
 	AttentionSeconds        float64 `json:"attention_seconds_per_layer_median"`
 	AttentionBytesPerSecond float64 `json:"attention_cache_bytes_per_second"`
 	AttentionOfCopy         float64 `json:"attention_fraction_of_copy_bandwidth"`
-	BeyondTrainedPositions  bool    `json:"beyond_trained_positions"`
+	// WeightBytesPerStep is the weights one decode step reads (every
+	// layer's projections and the LM head, in their resident dtype), and
+	// WeightBytesPerSecond that over the median step time.
+	WeightBytesPerStep     int64   `json:"weight_bytes_per_step"`
+	WeightBytesPerSecond   float64 `json:"weight_bytes_per_second"`
+	WeightOfCopy           float64 `json:"weight_fraction_of_copy_bandwidth"`
+	WeightDType            string  `json:"weight_dtype"`
+	BeyondTrainedPositions bool    `json:"beyond_trained_positions"`
 }
 
 // benchRatio compares the second model with the first at one ctx.
@@ -55,6 +63,8 @@ type benchReport struct {
 	Backend            string  `json:"backend"`
 	Threads            int     `json:"threads"`
 	MLAPath            string  `json:"mla_path"`
+	// PeakRSSBytes is the process's peak resident set size at the end.
+	PeakRSSBytes int64 `json:"peak_rss_bytes"`
 }
 
 func benchCommand() *cli.Command {
@@ -66,18 +76,20 @@ func benchCommand() *cli.Command {
 tokens drawn at random from the vocabulary: speed does not depend on them) and
 then decodes --decode-tokens steps for --batch sequences at that context; the
 other sequences of a batch start from a copy of the first one's cache. Decode
-speed is batch / median step time. The two models' decode steps alternate, so
-a shared machine's load hits both alike, and the second model's speed-ups over
-the first are printed.
+speed is batch / median step time; a ctx of 0 decodes from an empty cache.
+The two models' decode steps alternate, so a shared machine's load hits both
+alike, and the second model's speed-ups over the first are printed.
 
-The attention kernel of one layer is also timed alone on the filled cache
-(median of 9), giving the bytes of cache it reads per second against a
-memory copy measured in the same run.
+Each decode step reads every weight once: the weight bytes per step over the
+median step time are compared with a memory copy measured in the same run
+(read + write bytes per second, STREAM's convention). The attention kernel of
+one layer is also timed alone on the filled cache (median of 9), giving the
+bytes of cache it reads per second against the same copy.
 
 Contexts beyond a model's max_position_embeddings are allowed (RoPE extends;
 the speed is what is measured, not the quality) and marked.`,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "ctx", Usage: "comma-separated contexts in tokens", Value: "1024,4096,16384"},
+			&cli.StringFlag{Name: "ctx", Usage: "comma-separated contexts in tokens (0: decode from an empty cache)", Value: "0,1024,4096"},
 			&cli.IntFlag{Name: "batch", Usage: "sequences decoded together", Value: 1},
 			&cli.IntFlag{Name: "decode-tokens", Usage: "decode steps timed per context", Value: 16},
 			&cli.IntFlag{Name: "prefill-chunk", Usage: "tokens per prefill forward pass", Value: 2048},
@@ -108,6 +120,11 @@ the speed is what is measured, not the quality) and marked.`,
 			if err != nil {
 				return err
 			}
+			// Measured before the models are loaded, its buffers handed back
+			// to the system, so that they and the weights are never
+			// resident together (peak RSS is reported).
+			copyRate := copyBandwidth()
+			debug.FreeOSMemory()
 			var models []*model.Model
 			var names []string
 			for _, arg := range c.Args().Slice() {
@@ -122,7 +139,7 @@ the speed is what is measured, not the quality) and marked.`,
 				models, names = append(models, m), append(names, dir)
 			}
 			rep := benchReport{Backend: be.Name(), Threads: runtime.GOMAXPROCS(0), MLAPath: path.String()}
-			rep.CopyBytesPerSecond = copyBandwidth()
+			rep.CopyBytesPerSecond = copyRate
 			bar := newProgress(c.App.ErrWriter, len(ctxs), "benchmarking")
 			for i, ctx := range ctxs {
 				runs := make([]*benchRun, len(models))
@@ -147,8 +164,9 @@ the speed is what is measured, not the quality) and marked.`,
 				for j, r := range runs {
 					res := r.result()
 					res.Model = names[j]
-					if res.AttentionSeconds > 0 && rep.CopyBytesPerSecond > 0 {
+					if rep.CopyBytesPerSecond > 0 {
 						res.AttentionOfCopy = res.AttentionBytesPerSecond / rep.CopyBytesPerSecond
+						res.WeightOfCopy = res.WeightBytesPerSecond / rep.CopyBytesPerSecond
 					}
 					rep.Results = append(rep.Results, res)
 				}
@@ -157,11 +175,12 @@ the speed is what is measured, not the quality) and marked.`,
 					a, b := rep.Results[len(rep.Results)-2], rep.Results[len(rep.Results)-1]
 					rep.Ratios = append(rep.Ratios, benchRatio{Ctx: ctx,
 						Decode:  b.DecodeTokensPerSecond / a.DecodeTokensPerSecond,
-						Prefill: b.PrefillTokensPerSecond / a.PrefillTokensPerSecond,
+						Prefill: ratio(b.PrefillTokensPerSecond, a.PrefillTokensPerSecond),
 						Cache:   float64(b.KVCacheBytesAllocated) / float64(a.KVCacheBytesAllocated)})
 				}
 			}
 			bar.Done()
+			rep.PeakRSSBytes = peakRSS()
 			if c.Bool("json") {
 				return writeJSON(c.App.Writer, rep)
 			}
@@ -178,6 +197,14 @@ type benchSetup struct {
 	path                     eval.MLAPath
 }
 
+// ratio is a/b, 0 where b is 0 (no prefill at ctx 0).
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
+}
+
 // benchRun is one model's measurement at one ctx, prepared (prefilled and
 // attention timed) and then decoded step by step.
 type benchRun struct {
@@ -187,6 +214,9 @@ type benchRun struct {
 	rng    *rand.Rand
 	vocab  int
 	times  []float64
+	// next and logits are the decode steps' buffers, reused.
+	next   [][]int
+	logits [][]float32
 }
 
 // prepareBench prefills one sequence of s.ctx tokens (timed), times the
@@ -201,52 +231,73 @@ func prepareBench(ctx context.Context, m *model.Model, be kernels.Backend, s ben
 		return nil, err
 	}
 	b.runner = r
+	b.res.WeightBytesPerStep = r.WeightBytesPerToken()
+	b.res.WeightDType = weightDType(m)
 	first := r.NewCache()
-	start := time.Now()
-	for done := 0; done < s.ctx; {
-		n := min(s.chunk, s.ctx-done)
-		toks := make([]int, n)
-		for i := range toks {
-			toks[i] = b.rng.IntN(b.vocab)
+	// Every page the decode steps need is there before they are timed.
+	first.Reserve(s.ctx + s.steps)
+	if s.ctx > 0 {
+		start := time.Now()
+		for done := 0; done < s.ctx; {
+			n := min(s.chunk, s.ctx-done)
+			toks := make([]int, n)
+			for i := range toks {
+				toks[i] = b.rng.IntN(b.vocab)
+			}
+			if _, err := r.Forward(ctx, first, toks, false); err != nil {
+				return nil, err
+			}
+			done += n
 		}
-		if _, err := r.Forward(ctx, first, toks, false); err != nil {
+		b.res.PrefillTokensPerSecond = float64(s.ctx) / time.Since(start).Seconds()
+
+		probe, bytes, err := r.AttentionProbe(first, 0)
+		if err != nil {
 			return nil, err
 		}
-		done += n
+		probe() // warm-up
+		b.res.AttentionSeconds = median(9, probe)
+		b.res.AttentionBytesPerSecond = float64(bytes) / b.res.AttentionSeconds
 	}
-	b.res.PrefillTokensPerSecond = float64(s.ctx) / time.Since(start).Seconds()
-
-	probe, bytes, err := r.AttentionProbe(first, 0)
-	if err != nil {
-		return nil, err
-	}
-	probe() // warm-up
-	b.res.AttentionSeconds = median(9, probe)
-	b.res.AttentionBytesPerSecond = float64(bytes) / b.res.AttentionSeconds
 
 	b.caches = []*eval.KVCache{first}
 	for range s.batch - 1 {
 		c := r.NewCache()
+		c.Reserve(s.ctx + s.steps)
 		if err := c.CopyFrom(first); err != nil {
 			return nil, err
 		}
 		b.caches = append(b.caches, c)
 	}
+	b.next = make([][]int, s.batch)
+	for i := range b.next {
+		b.next[i] = make([]int, 1)
+	}
+	b.times = make([]float64, 0, s.steps)
 	return b, nil
+}
+
+// weightDType names the dtypes the model's matrices are held in.
+func weightDType(m *model.Model) string {
+	if m.Embed != nil {
+		return "f32"
+	}
+	return strings.ToLower(m.Embed16.DType.String())
 }
 
 // step decodes one token for every sequence of the batch and records the
 // time.
 func (b *benchRun) step(ctx context.Context) error {
-	next := make([][]int, len(b.caches))
-	for i := range next {
-		next[i] = []int{b.rng.IntN(b.vocab)}
+	for i := range b.next {
+		b.next[i][0] = b.rng.IntN(b.vocab)
 	}
 	t := time.Now()
-	if _, err := b.runner.ForwardBatch(ctx, b.caches, next, false); err != nil {
+	out, err := b.runner.ForwardBatchInto(ctx, b.caches, b.next, false, b.logits)
+	if err != nil {
 		return err
 	}
 	b.times = append(b.times, time.Since(t).Seconds())
+	b.logits = out
 	return nil
 }
 
@@ -258,6 +309,7 @@ func (b *benchRun) result() benchResult {
 	slices.Sort(times)
 	res.DecodeStepSeconds = times[len(times)/2]
 	res.DecodeTokensPerSecond = float64(res.Batch) / res.DecodeStepSeconds
+	res.WeightBytesPerSecond = float64(res.WeightBytesPerStep) / res.DecodeStepSeconds
 	for _, c := range b.caches {
 		res.KVCacheBytesAllocated += c.BytesAllocated()
 	}
@@ -277,10 +329,11 @@ func median(n int, f func()) float64 {
 	return t[n/2]
 }
 
-// copyBandwidth is the median rate of copying 256 MiB with one goroutine
-// per core, in bytes read plus written per second.
+// copyBandwidth is the median rate of copying 64 MiB (twice the L3 cache
+// of the development machine) with one goroutine per core, in bytes read
+// plus written per second.
 func copyBandwidth() float64 {
-	const size = 64 << 20 // float32s
+	const size = 16 << 20 // float32s
 	src, dst := make([]float32, size), make([]float32, size)
 	for i := range src {
 		src[i] = float32(i)
@@ -337,8 +390,8 @@ func parseInts(list string) ([]int, error) {
 	var out []int
 	for _, f := range strings.Split(list, ",") {
 		v, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || v < 2 {
-			return nil, fmt.Errorf("%q is not a whole number of at least 2", f)
+		if err != nil || v < 0 {
+			return nil, fmt.Errorf("%q is not a whole number of at least 0", f)
 		}
 		out = append(out, v)
 	}
@@ -346,7 +399,8 @@ func parseInts(list string) ([]int, error) {
 }
 
 func printBench(w io.Writer, rep benchReport) {
-	fmt.Fprintf(w, "%-40s %7s %5s %12s %13s %10s %9s %8s\n", "model", "ctx", "batch", "decode tok/s", "prefill tok/s", "KV cache", "attn GB/s", "of copy")
+	fmt.Fprintf(w, "%-40s %7s %5s %12s %13s %10s %10s %8s %9s %8s\n", "model", "ctx", "batch", "decode tok/s", "prefill tok/s", "KV cache",
+		"wt GB/s", "of copy", "attn GB/s", "of copy")
 	for _, r := range rep.Results {
 		name := r.Model
 		if len(name) > 40 {
@@ -356,13 +410,23 @@ func printBench(w io.Writer, rep benchReport) {
 		if r.BeyondTrainedPositions {
 			mark = " *"
 		}
-		fmt.Fprintf(w, "%-40s %7d %5d %12.1f %13.0f %10s %9.1f %7.0f%%%s\n", name, r.Ctx, r.Batch, r.DecodeTokensPerSecond,
-			r.PrefillTokensPerSecond, humanBytes(r.KVCacheBytesAllocated), r.AttentionBytesPerSecond/1e9, 100*r.AttentionOfCopy, mark)
+		prefill, attn, attnOf := "-", "-", "-"
+		if r.Ctx > 0 {
+			prefill = fmt.Sprintf("%.0f", r.PrefillTokensPerSecond)
+			attn, attnOf = fmt.Sprintf("%.1f", r.AttentionBytesPerSecond/1e9), fmt.Sprintf("%.0f%%", 100*r.AttentionOfCopy)
+		}
+		fmt.Fprintf(w, "%-40s %7d %5d %12.1f %13s %10s %10.1f %7.0f%% %9s %8s%s\n", name, r.Ctx, r.Batch, r.DecodeTokensPerSecond,
+			prefill, humanBytes(r.KVCacheBytesAllocated), r.WeightBytesPerSecond/1e9, 100*r.WeightOfCopy, attn, attnOf, mark)
 	}
 	for _, r := range rep.Ratios {
+		if r.Prefill == 0 {
+			fmt.Fprintf(w, "ctx %d: second model decode ×%.2f, KV cache ×%.2f\n", r.Ctx, r.Decode, r.Cache)
+			continue
+		}
 		fmt.Fprintf(w, "ctx %d: second model decode ×%.2f, prefill ×%.2f, KV cache ×%.2f\n", r.Ctx, r.Decode, r.Prefill, r.Cache)
 	}
-	fmt.Fprintf(w, "memory copy %.1f GB/s (read + write); %s backend, %d threads, MLA path %s\n", rep.CopyBytesPerSecond/1e9, rep.Backend, rep.Threads, rep.MLAPath)
+	fmt.Fprintf(w, "memory copy %.1f GB/s (read + write); wt: weight bytes of a decode step / median step time; %s backend, %d threads, MLA path %s; peak RSS %s\n",
+		rep.CopyBytesPerSecond/1e9, rep.Backend, rep.Threads, rep.MLAPath, humanBytes(rep.PeakRSSBytes))
 	for _, r := range rep.Results {
 		if r.BeyondTrainedPositions {
 			fmt.Fprintln(w, "* beyond the model's trained positions: speed only")

@@ -25,6 +25,11 @@ type evalReport struct {
 	MLAPath        string `json:"mla_path,omitempty"`
 	Backend        string `json:"backend"`
 	Threads        int    `json:"threads"`
+	// WeightDType is the dtype the model's matrices are held in (the
+	// checkpoint's bf16 or f16, else f32).
+	WeightDType string `json:"weight_dtype"`
+	// PeakRSSBytes is the process's peak resident set size at the end.
+	PeakRSSBytes int64 `json:"peak_rss_bytes"`
 }
 
 func evalCommand() *cli.Command {
@@ -109,6 +114,8 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 				MLAPath:               path.String(),
 				Backend:               be.Name(),
 				Threads:               runtime.GOMAXPROCS(0),
+				WeightDType:           weightDType(m),
+				PeakRSSBytes:          peakRSS(),
 			}
 			if c.Bool("json") {
 				return writeJSON(c.App.Writer, rep)
@@ -118,7 +125,8 @@ directory (config.json, tokenizer.json, *.safetensors, single or sharded).`,
 			fmt.Fprintf(w, "data        %s: %d tokens\n", rep.Data, res.TokensInFile)
 			fmt.Fprintf(w, "ppl         %.4f (mean NLL %.6f)\n", res.PPL, res.MeanNLL)
 			fmt.Fprintf(w, "scored      %d tokens in %d windows of %d\n", res.TokensScored, res.Windows, res.Ctx)
-			fmt.Fprintf(w, "throughput  %.0f tokens/s (%.1f s, %s backend, %d threads)\n", res.TokensPerSecond, res.Seconds, rep.Backend, rep.Threads)
+			fmt.Fprintf(w, "throughput  %.0f tokens/s (%.1f s, %s backend, %d threads, %s weights, peak RSS %s)\n", res.TokensPerSecond, res.Seconds, rep.Backend, rep.Threads,
+				rep.WeightDType, humanBytes(rep.PeakRSSBytes))
 			fmt.Fprintf(w, "KV cache    %d values = %d B per token (%s); %s at ctx %d\n",
 				rep.KVCacheValuesPerToken, rep.KVCacheBytesPerToken, rep.KVCacheDType, humanBytes(rep.KVCacheBytesAtCtx), res.Ctx)
 			fmt.Fprintf(w, "this run    %s cache allocated (%s rows)", humanBytes(res.KVCacheBytesAllocated), rep.CacheDTypeUsed)

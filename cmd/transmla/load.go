@@ -66,11 +66,13 @@ func loadModel(ctx context.Context, dir string, stderr io.Writer) (*model.Model,
 }
 
 // loadWeights reads the checkpoint in dir, with a progress bar; commands
-// that feed token ids of their own need no tokenizer.
+// that feed token ids of their own need no tokenizer. bf16 and f16
+// matrices stay in their stored dtype: half the memory of float32, and
+// what the kernels read fastest (they widen exactly).
 func loadWeights(ctx context.Context, dir string, stderr io.Writer) (*model.Model, error) {
 	p := newProgress(stderr, 1, "loading weights")
 	defer p.Done()
-	return model.Load(ctx, dir, p.Set)
+	return model.LoadWith(ctx, dir, model.LoadOptions{KeepDType: true, Progress: p.Set})
 }
 
 // checkContext rejects a window longer than the model's trained context
