@@ -93,11 +93,18 @@ type BudgetResult struct {
 	Cache int `json:"cache_values_per_token_layer"`
 	// Candidates are every conversion scored, the best marked.
 	Candidates []Candidate `json:"candidates"`
-	best       int
 }
 
-// Best is the chosen candidate.
-func (b BudgetResult) Best() Candidate { return b.Candidates[b.best] }
+// Best is the chosen candidate, the one marked Best (also in a result
+// read back from JSON).
+func (b BudgetResult) Best() Candidate {
+	for _, c := range b.Candidates {
+		if c.Best {
+			return c
+		}
+	}
+	return Candidate{}
+}
 
 // BestWith is the best candidate with d_r = ropeDim, one of
 // SearchJob.RopeDims; false when none fits the budget.
@@ -300,13 +307,13 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 				}
 			}
 		}
-		br.best = finalists[0]
+		best := finalists[0]
 		for _, i := range finalists {
-			if br.Candidates[i].PPL < br.Candidates[br.best].PPL {
-				br.best = i
+			if br.Candidates[i].PPL < br.Candidates[best].PPL {
+				best = i
 			}
 		}
-		br.Candidates[br.best].Best = true
+		br.Candidates[best].Best = true
 		for _, dr := range job.RopeDims {
 			if g := group(dr); len(g) > 0 {
 				b := g[0]

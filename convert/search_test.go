@@ -2,6 +2,7 @@ package convert
 
 import (
 	"context"
+	"encoding/json"
 	"math"
 	"path/filepath"
 	"slices"
@@ -174,5 +175,25 @@ func TestSearchKeepsToTheTarget(t *testing.T) {
 	job.Budgets, job.Base.Target = []int{48}, "vllm-cpu"
 	if _, err := Search(context.Background(), job); err == nil || !strings.Contains(err.Error(), "--target vllm-cpu") {
 		t.Errorf("budget 48 for vllm-cpu: err %v, want one naming the target", err)
+	}
+}
+
+// The chosen candidate is found from its mark, so a result read back from
+// search.json (sweep's) names the same one.
+func TestBestSurvivesJSON(t *testing.T) {
+	in := BudgetResult{Cache: 96, Candidates: []Candidate{
+		{Rank: 64, RopeDim: 32, Screen: 9, PPL: 8},
+		{Rank: 80, RopeDim: 16, Screen: 8, PPL: 7, Best: true},
+	}}
+	data, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out BudgetResult
+	if err := json.Unmarshal(data, &out); err != nil {
+		t.Fatal(err)
+	}
+	if got := out.Best(); got != in.Candidates[1] {
+		t.Errorf("best after a JSON round trip is %+v, want %+v", got, in.Candidates[1])
 	}
 }

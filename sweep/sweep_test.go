@@ -477,7 +477,11 @@ func TestBudgetSweep(t *testing.T) {
 	reused := 0
 	for _, dr := range c.RopeDims {
 		for _, b := range search.Budgets {
-			if cd, _ := b.BestWith(dr); cd == b.Best() {
+			cd, ok := b.BestWith(dr)
+			if !ok {
+				continue
+			}
+			if cd == b.Best() {
 				reused++
 				continue
 			}
