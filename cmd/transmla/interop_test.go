@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -214,23 +215,36 @@ func TestPaddedExportComputesTheSame(t *testing.T) {
 	}
 }
 
-// Exports of sources with rope_scaling linear and llama3 (random
-// transformers Llamas) compute in transformers what transmla computes —
-// whose frequencies convert checks against the source's — and vLLM, whose
-// DeepSeek path would replace the scaling with its own YaRN, is refused.
-func TestRopeScaledExports(t *testing.T) {
+// Exports of sources with plain RoPE and rope_scaling linear and llama3
+// (random transformers Llamas), at the default RoPE stride and at the
+// strides that change the export's rope_theta (1, 1/2), compute in
+// transformers what transmla computes — whose frequencies convert checks
+// against the source's — and vLLM, whose DeepSeek path would replace the
+// scaling with its own YaRN, is refused for the scaled ones.
+func TestRopeExports(t *testing.T) {
 	interoptest.Python(t)
 	ids := make([]int, 96)
 	for i := range ids {
 		ids[i] = (i*71 + 3) % 97
 	}
 	idList := strings.Trim(strings.Join(strings.Fields(fmt.Sprint(ids)), ","), "[]")
-	for _, sc := range []map[string]any{
-		{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
-		{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+	for _, tc := range []struct {
+		sc     map[string]any
+		stride string
+	}{
+		{map[string]any{"rope_type": "default", "rope_theta": 10000.0}, "1"},
+		{map[string]any{"rope_type": "default", "rope_theta": 10000.0}, "0.5"},
+		{map[string]any{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, ""},
+		{map[string]any{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, "0.5"},
+		{map[string]any{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}, ""},
+		{map[string]any{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}, "1"},
 	} {
-		name := sc["rope_type"].(string)
-		t.Run(name, func(t *testing.T) {
+		sc, name := tc.sc, tc.sc["rope_type"].(string)
+		args := []string{"--dc", "96", "--rope-dim", "16"}
+		if tc.stride != "" {
+			args = append(args, "--rope-stride", tc.stride)
+		}
+		t.Run(name+" stride "+cmp.Or(tc.stride, "default"), func(t *testing.T) {
 			src := filepath.Join(t.TempDir(), "src")
 			spec, _ := json.Marshal(map[string]any{"arch": "LlamaForCausalLM", "dtype": "float32", "seed": 3, "ids": ids, "config": map[string]any{
 				"hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -240,7 +254,7 @@ func TestRopeScaledExports(t *testing.T) {
 			var made struct{}
 			interoptest.HF(t, &made, "fixture", src, "--spec", string(spec))
 			out := filepath.Join(t.TempDir(), "mla")
-			if _, stderr, code := run(t, "convert", src, "--dc", "96", "--rope-dim", "16", "-o", out); code != 0 {
+			if _, stderr, code := run(t, append([]string{"convert", src, "-o", out}, args...)...); code != 0 {
 				t.Fatalf("convert exit %d: %s", code, stderr)
 			}
 			logits := filepath.Join(t.TempDir(), "logits.f32")
@@ -250,8 +264,8 @@ func TestRopeScaledExports(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if m.Config.Rope.Scaling.Type != name {
-				t.Fatalf("the export's rope_scaling is %q, want %q", m.Config.Rope.Scaling.Type, name)
+			if got := cmp.Or(m.Config.Rope.Scaling.Type, "default"); got != name {
+				t.Fatalf("the export's rope_scaling is %q, want %q", got, name)
 			}
 			r, err := eval.NewRunner(m, kernels.NewNative(), len(ids))
 			if err != nil {
@@ -266,11 +280,14 @@ func TestRopeScaledExports(t *testing.T) {
 				diff = math.Max(diff, math.Abs(float64(got[i]-want[i])))
 				scale = math.Max(scale, math.Abs(float64(want[i])))
 			}
-			t.Logf("rope_scaling %s: converted model's logits, transmla against transformers: %.2e relative", name, diff/scale)
+			t.Logf("rope_scaling %s, stride %s (rope_theta %g): converted model's logits, transmla against transformers: %.2e relative", name, cmp.Or(tc.stride, "default"), m.Config.Rope.Theta, diff/scale)
 			if diff/scale > 1e-5 {
 				t.Errorf("logits differ by %.3g relative", diff/scale)
 			}
-			_, stderr, code := run(t, "convert", src, "--dc", "96", "--rope-dim", "16", "-o", out+"-vllm", "--target", "vllm")
+			if name == "default" {
+				return
+			}
+			_, stderr, code := run(t, append([]string{"convert", src, "-o", out + "-vllm", "--target", "vllm"}, args...)...)
 			if code != 2 || !strings.Contains(stderr, "rope_scaling "+name) {
 				t.Errorf("convert --target vllm of a %s source: exit %d, %s; want a usage error naming the scaling", name, code, stderr)
 			}
