@@ -25,10 +25,15 @@ ROWS = [
     ("llama dc320 dr128", "llama-gqa-25m", 1024, ["--dc", "320", "--rope-dim", "128"], True),
     ("llama dc448 dr64 padded 512", "llama-gqa-25m", 1024, ["--dc", "448", "--target", "vllm-cpu"], False),
     ("llama dc192 dr64 padded 512", "llama-gqa-25m", 1024, ["--dc", "192", "--target", "vllm-cpu"], False),
+    # convert --cache: the searched split (RoPE strides that change rope_theta)
+    ("llama cache 256 (search)", "llama-gqa-25m", 1024, ["--cache", "256"], True),
+    ("llama cache 320 (search)", "llama-gqa-25m", 1024, ["--cache", "320"], True),
+    ("llama cache 256 (search) padded 512", "llama-gqa-25m", 1024, ["--cache", "256", "--target", "vllm-cpu"], False),
     ("qwen2 original", "qwen2-gqa-16m", 1024, None, False),
     ("qwen2 dc192 dr64", "qwen2-gqa-16m", 1024, ["--dc", "192"], True),
     ("qwen2 dc448 dr64", "qwen2-gqa-16m", 1024, ["--dc", "448"], True),
     ("qwen2 dc448 dr64 padded 512", "qwen2-gqa-16m", 1024, ["--dc", "448", "--target", "vllm-cpu"], False),
+    ("qwen2 cache 256 (search)", "qwen2-gqa-16m", 1024, ["--cache", "256"], True),
     ("stories original", "stories260K", 512, None, False),
     ("stories dc32 dr8", "stories260K", 512, ["--dc", "32"], True),
 ]
