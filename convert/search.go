@@ -52,6 +52,19 @@ type SearchJob struct {
 	Progress func(Event)
 }
 
+// BudgetError says that no candidate conversion fits a budget: a request
+// that cannot be met, not a failure of the search.
+type BudgetError struct {
+	// Cache is the budget, values per token and layer.
+	Cache int
+	// Why completes "no split of the cache ...".
+	Why string
+}
+
+func (e *BudgetError) Error() string {
+	return fmt.Sprintf("search: no split of a cache of %d values per token and layer %s", e.Cache, e.Why)
+}
+
 // StageScore is the progress stage of a search scoring its candidates:
 // Layer counts the candidates scored, of Layers.
 const StageScore = "score"
@@ -210,10 +223,11 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			perBudget[bi] = append(perBudget[bi], shape{i, dc})
 		}
 		if len(perBudget[bi]) == 0 {
-			if t := job.Base.Target; t != "" && t != TargetAny {
-				return nil, fmt.Errorf("search: no conversion of a cache of %d values per token and layer is one that --target %s loads", n, t)
+			why := fmt.Sprintf("fits (the latent needs at least %d values, and the RoPE key at least 2)", minSearchRank)
+			if t, ok := LookupTarget(job.Base.Target); ok {
+				why = fmt.Sprintf("makes a shape that --target %s (%s) loads: %s", t.Name, t.Engine, t.shapes())
 			}
-			return nil, fmt.Errorf("search: no conversion fits a cache of %d values per token and layer (the latent needs at least %d, and the RoPE key at least 2)", n, minSearchRank)
+			return nil, &BudgetError{Cache: n, Why: why}
 		}
 	}
 

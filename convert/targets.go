@@ -170,6 +170,9 @@ func (t Target) shapes() string {
 	if t.RopeDims != nil {
 		parts = append(parts, fmt.Sprintf("qk_rope_head_dim one of %v", t.RopeDims))
 	}
+	if t.HeadDims != nil {
+		parts = append(parts, fmt.Sprintf("qk_nope_head_dim + qk_rope_head_dim one of %v", t.HeadDims))
+	}
 	return strings.Join(parts, ", ")
 }
 

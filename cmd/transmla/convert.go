@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -248,6 +249,9 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	}
 	res, err := convert.Search(c.Context, job)
 	bar.Done()
+	if berr := (*convert.BudgetError)(nil); errors.As(err, &berr) {
+		return usageError{fmt.Errorf("convert %s: %w", dir, err)}
+	}
 	if err != nil {
 		return fmt.Errorf("convert %s: %w", dir, err)
 	}
