@@ -55,7 +55,7 @@ new, old = (json.load(open(p)) for p in sys.argv[1:3])
 name, data, dr = sys.argv[3], sys.argv[4], int(sys.argv[5])
 o = new["original"]
 orig = o["ppl"]
-assert abs(old["original"]["ppl"] - orig) < 1e-9 * orig, "the two builds disagree on the original"
+assert abs(old["original"]["ppl"] - orig) < 1e-6 * orig, "the two builds disagree on the original (beyond the 1e-6 of summation order)"
 by = {}
 for p in new["points"]:
     by[(p["method"], p["cache_budget"])] = p
