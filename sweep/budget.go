@@ -2,9 +2,7 @@ package sweep
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -57,14 +55,8 @@ func (c *Config) resumeBudgets(ctx context.Context, setup Setup, st *state) (*Re
 	var tasks []budgetTask
 	for _, s := range c.series() {
 		for _, b := range c.Budgets {
-			_, done := st.points[budgetPointPath(c.Dir, s.name, b)]
-			ckpt := false
-			if c.KeepCheckpoints {
-				_, err := os.Stat(budgetCheckpointPath(c.Dir, s.name, b))
-				ckpt = c.Force || errors.Is(err, fs.ErrNotExist)
-			}
-			if c.Force || !done || ckpt {
-				tasks = append(tasks, budgetTask{series: s, budget: b, eval: c.Force || !done})
+			if work, eval := c.pending(st, budgetPointPath(c.Dir, s.name, b), budgetCheckpointPath(c.Dir, s.name, b)); work {
+				tasks = append(tasks, budgetTask{series: s, budget: b, eval: eval})
 			}
 		}
 	}

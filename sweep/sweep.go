@@ -518,14 +518,8 @@ func (c *Config) resume(ctx context.Context, setup Setup) (*Results, error) {
 		_, have := st.spectra[spectraPath(c.Dir, m.Name)]
 		needSpectra[mi] = c.Force || !have
 		for _, dc := range c.Ranks {
-			_, done := st.points[pointPath(c.Dir, m.Name, dc)]
-			ckpt := false
-			if c.KeepCheckpoints {
-				_, err := os.Stat(checkpointPath(c.Dir, m.Name, dc))
-				ckpt = c.Force || errors.Is(err, fs.ErrNotExist)
-			}
-			if c.Force || !done || ckpt {
-				tasks = append(tasks, task{method: mi, dc: dc, eval: c.Force || !done})
+			if work, eval := c.pending(st, pointPath(c.Dir, m.Name, dc), checkpointPath(c.Dir, m.Name, dc)); work {
+				tasks = append(tasks, task{method: mi, dc: dc, eval: eval})
 				needSpectra[mi] = true
 			}
 		}
@@ -765,4 +759,17 @@ func writeJSONFile(path string, v any) error {
 		return err
 	}
 	return atomicfile.WriteFile(path, append(data, '\n'), 0o644)
+}
+
+// pending says whether a point of the sweep has work left: its evaluation
+// (missing from the state, or --force), or a checkpoint that
+// --keep-checkpoints asks for and the directory lacks.
+func (c *Config) pending(st *state, point, checkpoint string) (work, eval bool) {
+	_, done := st.points[point]
+	eval = c.Force || !done
+	if c.KeepCheckpoints {
+		_, err := os.Stat(checkpoint)
+		work = c.Force || errors.Is(err, fs.ErrNotExist)
+	}
+	return work || eval, eval
 }
