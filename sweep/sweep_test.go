@@ -20,6 +20,7 @@ import (
 
 	"github.com/transmla/transmla/convert"
 	"github.com/transmla/transmla/eval"
+	"github.com/transmla/transmla/internal/desttest"
 	"github.com/transmla/transmla/internal/sharedtest"
 	"github.com/transmla/transmla/internal/synthtest"
 	"github.com/transmla/transmla/kernels"
@@ -427,23 +428,9 @@ func TestFailedSweepLeavesNoEmptyDirectory(t *testing.T) {
 	if _, err := Run(context.Background(), c); err == nil {
 		t.Fatal("a sweep calibrated on a few tokens succeeded")
 	}
-	if got := dirNames(t, c.Dir); !slices.Equal(got, []string{"notes.txt"}) {
+	if got := desttest.DirNames(t, c.Dir); !slices.Equal(got, []string{"notes.txt"}) {
 		t.Errorf("after a failed sweep the directory holds %v, want only notes.txt", got)
 	}
-}
-
-// dirNames lists dir's entries.
-func dirNames(t *testing.T, dir string) []string {
-	t.Helper()
-	es, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range es {
-		names = append(names, e.Name())
-	}
-	return names
 }
 
 // A budget sweep measures, at each cache budget, the search's best

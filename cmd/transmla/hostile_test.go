@@ -15,6 +15,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/transmla/transmla/internal/desttest"
 	"github.com/transmla/transmla/safetensors"
 )
 
@@ -253,7 +254,7 @@ func TestHostileCheckpoints(t *testing.T) {
 		{"weights file is a FIFO", func(t *testing.T, dir string) {
 			p := filepath.Join(dir, "model.safetensors")
 			os.Remove(p)
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 		}, nil, []string{weights, "not a regular file"}},
 		{"no weights", func(t *testing.T, dir string) {
 			os.Remove(filepath.Join(dir, "model.safetensors"))
@@ -346,7 +347,7 @@ func TestHostileCheckpoints(t *testing.T) {
 		{"config.json is a FIFO", func(t *testing.T, dir string) {
 			p := filepath.Join(dir, "config.json")
 			os.Remove(p)
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 		}, nil, []string{"DIR" + string(filepath.Separator) + "config.json is not a regular file"}},
 		{"config.json of 32 MiB", func(t *testing.T, dir string) {
 			if err := os.Truncate(filepath.Join(dir, "config.json"), 32<<20); err != nil {
@@ -367,13 +368,13 @@ func TestHostileCheckpoints(t *testing.T) {
 		{"tokenizer.json is a FIFO", func(t *testing.T, dir string) {
 			p := filepath.Join(dir, "tokenizer.json")
 			os.Remove(p)
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 		}, []string{"eval", "DIR", "--data", calib, "--ctx", "64"},
 			[]string{"DIR" + string(filepath.Separator) + "tokenizer.json is not a regular file"}},
 		{"tokenizer.json is a FIFO: data-free convert", func(t *testing.T, dir string) {
 			p := filepath.Join(dir, "tokenizer.json")
 			os.Remove(p)
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 		}, nil, []string{"copy tokenizer.json: DIR" + string(filepath.Separator) + "tokenizer.json is not a regular file"}},
 		{"tokenizer.json truncated", func(t *testing.T, dir string) {
 			editFile(t, filepath.Join(dir, "tokenizer.json"), func(b []byte) []byte { return b[:len(b)/2] })

@@ -4,58 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/transmla/transmla/internal/desttest"
 )
-
-// readAll reads r to its end in the background; the returned function
-// waits for what it read.
-func readAll(t *testing.T, open func() (io.ReadCloser, error)) func() string {
-	t.Helper()
-	got := make(chan string, 1)
-	go func() {
-		r, err := open()
-		if err != nil {
-			got <- "open: " + err.Error()
-			return
-		}
-		defer r.Close()
-		b, err := io.ReadAll(r)
-		if err != nil {
-			got <- "read: " + err.Error()
-			return
-		}
-		got <- string(b)
-	}()
-	return func() string {
-		select {
-		case s := <-got:
-			return s
-		case <-time.After(60 * time.Second): // a hang guard, not a timing
-			t.Fatal("the reader received nothing")
-			return ""
-		}
-	}
-}
-
-func keptLink(t *testing.T, link, want string) {
-	t.Helper()
-	if got, err := os.Readlink(link); err != nil || got != want {
-		t.Errorf("%s links to %q (%v), want the link to %q kept", link, got, err, want)
-	}
-}
-
-func isFIFO(t *testing.T, path string) {
-	t.Helper()
-	if fi, err := os.Lstat(path); err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
-		t.Errorf("%s is no longer a named pipe (%v)", path, err)
-	}
-}
 
 // TestTokenizeIDsOutDestinations writes --ids-out to a regular file, then
 // through a link, to a named pipe, and, as in the original report
@@ -100,7 +56,7 @@ func TestTokenizeIDsOutDestinations(t *testing.T) {
 			os.WriteFile(target, []byte("old"), 0o600)
 			os.Symlink(target, link)
 			return link, nil, func(t *testing.T) {
-				keptLink(t, link, target)
+				desttest.KeptLink(t, link, target)
 				if b, err := os.ReadFile(target); err != nil || string(b) != want {
 					t.Errorf("the link's target holds %.40q… (%v), want the ids", b, err)
 				}
@@ -110,7 +66,7 @@ func TestTokenizeIDsOutDestinations(t *testing.T) {
 			target, link := filepath.Join(other, "new.json"), filepath.Join(base, "ids.json")
 			os.Symlink(target, link)
 			return link, nil, func(t *testing.T) {
-				keptLink(t, link, target)
+				desttest.KeptLink(t, link, target)
 				if b, err := os.ReadFile(target); err != nil || string(b) != want {
 					t.Errorf("the link's new target holds %.40q… (%v), want the ids", b, err)
 				}
@@ -118,16 +74,16 @@ func TestTokenizeIDsOutDestinations(t *testing.T) {
 		}, exitOK, ""},
 		{"FIFO", func(t *testing.T, base, _ string) (string, func() string, func(*testing.T)) {
 			p := filepath.Join(base, "fifo")
-			mkfifo(t, p)
-			return p, readAll(t, func() (io.ReadCloser, error) { return os.Open(p) }), func(t *testing.T) { isFIFO(t, p) }
+			desttest.Mkfifo(t, p)
+			return p, desttest.ReadFile(t, p), func(t *testing.T) { desttest.KeptFIFO(t, p) }
 		}, exitOK, ""},
 		{"symlink to a FIFO", func(t *testing.T, base, other string) (string, func() string, func(*testing.T)) {
 			p, link := filepath.Join(other, "fifo"), filepath.Join(base, "stdout")
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 			os.Symlink(p, link)
-			return link, readAll(t, func() (io.ReadCloser, error) { return os.Open(p) }), func(t *testing.T) {
-				keptLink(t, link, p)
-				isFIFO(t, p)
+			return link, desttest.ReadFile(t, p), func(t *testing.T) {
+				desttest.KeptLink(t, link, p)
+				desttest.KeptFIFO(t, p)
 			}
 		}, exitOK, ""},
 		{"symlink to /proc/self/fd/N of a pipe (the original report)", func(t *testing.T, base, _ string) (string, func() string, func(*testing.T)) {
@@ -140,8 +96,8 @@ func TestTokenizeIDsOutDestinations(t *testing.T) {
 			}
 			fd, link := fmt.Sprintf("/proc/self/fd/%d", w.Fd()), filepath.Join(base, "stdout")
 			os.Symlink(fd, link)
-			received := readAll(t, func() (io.ReadCloser, error) { return r, nil })
-			return link, func() string { w.Close(); return received() }, func(t *testing.T) { keptLink(t, link, fd) }
+			received := desttest.ReadInBackground(t, func() (io.ReadCloser, error) { return r, nil })
+			return link, func() string { w.Close(); return received() }, func(t *testing.T) { desttest.KeptLink(t, link, fd) }
 		}, exitOK, ""},
 		{"a directory in the way", func(t *testing.T, base, _ string) (string, func() string, func(*testing.T)) {
 			p := filepath.Join(base, "ids.json")
@@ -223,18 +179,18 @@ func TestOutputDirectoryDestinations(t *testing.T) {
 				target, link := filepath.Join(other, "real"), filepath.Join(base, "out")
 				existing(t, target)
 				os.Symlink(target, link)
-				return link, func(t *testing.T) { keptLink(t, link, target); untouched(t, target) }
+				return link, func(t *testing.T) { desttest.KeptLink(t, link, target); untouched(t, target) }
 			}, cmd.exists, "exists; pass --force to replace it"},
 			{"symlink to an existing output", true, func(t *testing.T, base, other string) (string, func(*testing.T)) {
 				target, link := filepath.Join(other, "real"), filepath.Join(base, "out")
 				existing(t, target)
 				os.Symlink(target, link)
-				return link, func(t *testing.T) { keptLink(t, link, target); wrote(t, target) }
+				return link, func(t *testing.T) { desttest.KeptLink(t, link, target); wrote(t, target) }
 			}, exitOK, ""},
 			{"dangling symlink", false, func(t *testing.T, base, other string) (string, func(*testing.T)) {
 				target, link := filepath.Join(other, "new"), filepath.Join(base, "out")
 				os.Symlink(target, link)
-				return link, func(t *testing.T) { keptLink(t, link, target); wrote(t, target) }
+				return link, func(t *testing.T) { desttest.KeptLink(t, link, target); wrote(t, target) }
 			}, exitOK, ""},
 			{"a regular file", true, func(t *testing.T, base, _ string) (string, func(*testing.T)) {
 				p := filepath.Join(base, "out")
@@ -247,8 +203,8 @@ func TestOutputDirectoryDestinations(t *testing.T) {
 			}, exitError, "is a regular file, not a directory; remove it or name another output directory"},
 			{"a named pipe", true, func(t *testing.T, base, _ string) (string, func(*testing.T)) {
 				p := filepath.Join(base, "out")
-				mkfifo(t, p)
-				return p, func(t *testing.T) { isFIFO(t, p) }
+				desttest.Mkfifo(t, p)
+				return p, func(t *testing.T) { desttest.KeptFIFO(t, p) }
 			}, exitError, "is a named pipe, not a directory"},
 		} {
 			name := cmd.name + ": " + tc.name

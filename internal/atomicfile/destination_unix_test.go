@@ -15,22 +15,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
-)
 
-// entries lists dir's names, sorted.
-func entries(t *testing.T, dir string) []string {
-	t.Helper()
-	es, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range es {
-		names = append(names, e.Name())
-	}
-	return names
-}
+	"github.com/transmla/transmla/internal/desttest"
+)
 
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
@@ -42,13 +29,6 @@ func writeFile(t *testing.T, path, content string) {
 func symlink(t *testing.T, target, link string) {
 	t.Helper()
 	if err := os.Symlink(target, link); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkfifo(t *testing.T, path string) {
-	t.Helper()
-	if err := syscall.Mkfifo(path, 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -76,44 +56,6 @@ func nullDevice(t *testing.T, dir string) string {
 		f.Close()
 	}
 	return p
-}
-
-// readStream reads path (a FIFO) to its end in the background; the
-// returned function waits for what it read.
-func readStream(t *testing.T, path string) func() string {
-	t.Helper()
-	got := make(chan string, 1)
-	go func() {
-		f, err := os.Open(path) // waits for the writer
-		if err != nil {
-			got <- "open: " + err.Error()
-			return
-		}
-		defer f.Close()
-		b, err := io.ReadAll(f)
-		if err != nil {
-			got <- "read: " + err.Error()
-			return
-		}
-		got <- string(b)
-	}()
-	return func() string {
-		select {
-		case s := <-got:
-			return s
-		case <-time.After(30 * time.Second): // a hang guard, not a timing
-			t.Fatal("the reader received nothing")
-			return ""
-		}
-	}
-}
-
-func isLink(t *testing.T, path, want string) {
-	t.Helper()
-	got, err := os.Readlink(path)
-	if err != nil || got != want {
-		t.Errorf("%s: link to %q (%v), want a link to %q kept", path, got, err, want)
-	}
 }
 
 func hasContent(t *testing.T, path, want string) {
@@ -159,7 +101,7 @@ func TestWriteFileDestinations(t *testing.T) {
 			writeFile(t, target, "old")
 			symlink(t, target, link)
 			return link, func(t *testing.T, _ func() string) {
-				isLink(t, link, target)
+				desttest.KeptLink(t, link, target)
 				hasContent(t, target, data)
 			}
 		}, ""},
@@ -169,7 +111,7 @@ func TestWriteFileDestinations(t *testing.T) {
 			rel := filepath.Join("..", filepath.Base(other), "real.json")
 			symlink(t, rel, link)
 			return link, func(t *testing.T, _ func() string) {
-				isLink(t, link, rel)
+				desttest.KeptLink(t, link, rel)
 				hasContent(t, filepath.Join(other, "real.json"), data)
 			}
 		}, ""},
@@ -179,8 +121,8 @@ func TestWriteFileDestinations(t *testing.T) {
 			symlink(t, "real.json", mid)
 			symlink(t, mid, link)
 			return link, func(t *testing.T, _ func() string) {
-				isLink(t, link, mid)
-				isLink(t, mid, "real.json")
+				desttest.KeptLink(t, link, mid)
+				desttest.KeptLink(t, mid, "real.json")
 				hasContent(t, target, data)
 			}
 		}, ""},
@@ -188,7 +130,7 @@ func TestWriteFileDestinations(t *testing.T) {
 			target, link := filepath.Join(other, "new.json"), filepath.Join(dir, "out.json")
 			symlink(t, target, link)
 			return link, func(t *testing.T, _ func() string) {
-				isLink(t, link, target)
+				desttest.KeptLink(t, link, target)
 				hasContent(t, target, data)
 			}
 		}, ""},
@@ -198,25 +140,27 @@ func TestWriteFileDestinations(t *testing.T) {
 			link := filepath.Join(dir, "out.json")
 			symlink(t, filepath.Join("sub", "new.json"), link)
 			return link, func(t *testing.T, _ func() string) {
-				isLink(t, link, filepath.Join("sub", "new.json"))
-				isLink(t, filepath.Join(dir, "sub"), other)
+				desttest.KeptLink(t, link, filepath.Join("sub", "new.json"))
+				desttest.KeptLink(t, filepath.Join(dir, "sub"), other)
 				hasContent(t, filepath.Join(other, "new.json"), data)
 			}
 		}, ""},
 		{"dangling symlink into a missing directory", func(t *testing.T, dir, other string) (string, func(*testing.T, func() string)) {
 			link := filepath.Join(dir, "out.json")
 			symlink(t, filepath.Join(other, "missing", "new.json"), link)
-			return link, func(t *testing.T, _ func() string) { isLink(t, link, filepath.Join(other, "missing", "new.json")) }
+			return link, func(t *testing.T, _ func() string) {
+				desttest.KeptLink(t, link, filepath.Join(other, "missing", "new.json"))
+			}
 		}, "cannot be reached"},
 		{"symlink loop", func(t *testing.T, dir, _ string) (string, func(*testing.T, func() string)) {
 			a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
 			symlink(t, b, a)
 			symlink(t, a, b)
-			return a, func(t *testing.T, _ func() string) { isLink(t, a, b); isLink(t, b, a) }
+			return a, func(t *testing.T, _ func() string) { desttest.KeptLink(t, a, b); desttest.KeptLink(t, b, a) }
 		}, "a loop?"},
 		{"FIFO", func(t *testing.T, dir, _ string) (string, func(*testing.T, func() string)) {
 			p := filepath.Join(dir, "fifo")
-			mkfifo(t, p)
+			desttest.Mkfifo(t, p)
 			return p, func(t *testing.T, wait func() string) {
 				if got := wait(); got != data {
 					t.Errorf("the reader received %q, want %q", got, data)
@@ -228,13 +172,13 @@ func TestWriteFileDestinations(t *testing.T) {
 		}, ""},
 		{"symlink to a FIFO", func(t *testing.T, dir, other string) (string, func(*testing.T, func() string)) {
 			fifo, link := filepath.Join(other, "fifo"), filepath.Join(dir, "out.json")
-			mkfifo(t, fifo)
+			desttest.Mkfifo(t, fifo)
 			symlink(t, fifo, link)
 			return link, func(t *testing.T, wait func() string) {
 				if got := wait(); got != data {
 					t.Errorf("the reader received %q, want %q", got, data)
 				}
-				isLink(t, link, fifo)
+				desttest.KeptLink(t, link, fifo)
 				if fi, err := os.Lstat(fifo); err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
 					t.Errorf("%s is %v (%v), want a FIFO still", fifo, modeOf(fi), err)
 				}
@@ -259,7 +203,7 @@ func TestWriteFileDestinations(t *testing.T) {
 		{"symlink to a directory", func(t *testing.T, dir, other string) (string, func(*testing.T, func() string)) {
 			link := filepath.Join(dir, "out.json")
 			symlink(t, other, link)
-			return link, func(t *testing.T, _ func() string) { isLink(t, link, other) }
+			return link, func(t *testing.T, _ func() string) { desttest.KeptLink(t, link, other) }
 		}, "symbolic link to "},
 		{"socket", func(t *testing.T, dir, _ string) (string, func(*testing.T, func() string)) {
 			p := filepath.Join(dir, "sock")
@@ -276,9 +220,9 @@ func TestWriteFileDestinations(t *testing.T) {
 			path, check := tc.setup(t, dir, other)
 			wait := func() string { return "" }
 			if fi, err := os.Stat(path); err == nil && fi.Mode()&fs.ModeNamedPipe != 0 {
-				wait = readStream(t, path)
+				wait = desttest.ReadFile(t, path)
 			}
-			before := [][]string{entries(t, dir), entries(t, other)}
+			before := [][]string{desttest.DirNames(t, dir), desttest.DirNames(t, other)}
 			err := WriteFile(path, []byte(data), 0o644)
 			switch {
 			case tc.wantErr == "" && err != nil:
@@ -289,7 +233,7 @@ func TestWriteFileDestinations(t *testing.T) {
 			check(t, wait)
 			// Only a created file may be new; no temporary file anywhere.
 			for i, d := range []string{dir, other} {
-				for _, name := range entries(t, d) {
+				for _, name := range desttest.DirNames(t, d) {
 					if strings.Contains(name, ".tmp") || (!slices.Contains(before[i], name) && err != nil) {
 						t.Errorf("%s holds %s after the write", d, name)
 					}
@@ -329,7 +273,7 @@ func TestWriteFileThroughProcFDLinkToPipe(t *testing.T) {
 	if want := link + "\n" + fdPath + "\n"; <-got != want {
 		t.Errorf("the pipe received something else than %q", want)
 	}
-	isLink(t, link, fdPath)
+	desttest.KeptLink(t, link, fdPath)
 }
 
 // A destination that is the file behind standard output (/dev/stdout
@@ -353,7 +297,7 @@ func TestWriteFileToStandardOutputFile(t *testing.T) {
 	fmt.Fprint(os.Stdout, "after\n")
 	os.Stdout = saved
 	hasContent(t, f.Name(), "before\nids\nafter\n")
-	isLink(t, link, f.Name())
+	desttest.KeptLink(t, link, f.Name())
 }
 
 func TestOutputDir(t *testing.T) {
@@ -401,7 +345,7 @@ func TestOutputDir(t *testing.T) {
 			return filepath.Join(dir, "out"), ""
 		}, false, "a regular file, not a directory"},
 		{"a FIFO", func(t *testing.T, dir, _ string) (string, string) {
-			mkfifo(t, filepath.Join(dir, "out"))
+			desttest.Mkfifo(t, filepath.Join(dir, "out"))
 			return filepath.Join(dir, "out"), ""
 		}, false, "is a named pipe, not a directory"},
 		{"null device", func(t *testing.T, _, _ string) (string, string) {
@@ -488,7 +432,7 @@ func TestCommitDir(t *testing.T) {
 			symlink(t, real, filepath.Join(dir, "out"))
 			return filepath.Join(dir, "out"), real
 		}, true, "", func(t *testing.T, dir, other string) {
-			isLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
+			desttest.KeptLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
 		}},
 		{"symlink to an existing output, not replaced", func(t *testing.T, dir, other string) (string, string) {
 			real := filepath.Join(other, "real")
@@ -498,14 +442,14 @@ func TestCommitDir(t *testing.T) {
 			symlink(t, real, filepath.Join(dir, "out"))
 			return filepath.Join(dir, "out"), ""
 		}, false, "output exists", func(t *testing.T, dir, other string) {
-			isLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
+			desttest.KeptLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
 			hasContent(t, filepath.Join(other, "real", "config.json"), "old")
 		}},
 		{"dangling symlink", func(t *testing.T, dir, other string) (string, string) {
 			symlink(t, filepath.Join(other, "real"), filepath.Join(dir, "out"))
 			return filepath.Join(dir, "out"), filepath.Join(other, "real")
 		}, false, "", func(t *testing.T, dir, other string) {
-			isLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
+			desttest.KeptLink(t, filepath.Join(dir, "out"), filepath.Join(other, "real"))
 		}},
 		{"a regular file", func(t *testing.T, dir, _ string) (string, string) {
 			writeFile(t, filepath.Join(dir, "out"), "mine")
@@ -514,7 +458,7 @@ func TestCommitDir(t *testing.T) {
 			hasContent(t, filepath.Join(dir, "out"), "mine")
 		}},
 		{"a FIFO", func(t *testing.T, dir, _ string) (string, string) {
-			mkfifo(t, filepath.Join(dir, "out"))
+			desttest.Mkfifo(t, filepath.Join(dir, "out"))
 			return filepath.Join(dir, "out"), ""
 		}, true, "is a named pipe, not a directory", func(t *testing.T, dir, _ string) {
 			if fi, err := os.Lstat(filepath.Join(dir, "out")); err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
@@ -542,7 +486,7 @@ func TestCommitDir(t *testing.T) {
 				tc.check(t, dir, other)
 			}
 			for _, d := range []string{dir, other} {
-				for _, name := range entries(t, d) {
+				for _, name := range desttest.DirNames(t, d) {
 					if strings.Contains(name, ".partial-") {
 						t.Errorf("%s holds %s afterwards", d, name)
 					}

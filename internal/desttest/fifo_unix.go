@@ -1,14 +1,14 @@
 //go:build unix
 
-package main
+package desttest
 
 import (
 	"syscall"
 	"testing"
 )
 
-// mkfifo creates a named pipe at path.
-func mkfifo(t *testing.T, path string) {
+// Mkfifo creates a named pipe at path.
+func Mkfifo(t testing.TB, path string) {
 	t.Helper()
 	if err := syscall.Mkfifo(path, 0o644); err != nil {
 		t.Fatal(err)
