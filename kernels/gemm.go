@@ -1,9 +1,10 @@
 package kernels
 
 import (
-	"fmt"
 	"runtime"
 	"sync"
+
+	"github.com/transmla/transmla/internal/gemm"
 )
 
 // gemmKernel is one register-tile micro-kernel and its matrix-vector helper.
@@ -25,7 +26,7 @@ type gemmKernel struct {
 }
 
 // goKernel is the portable micro-kernel, for CPUs without AVX2.
-var goKernel = &gemmKernel{name: "generic", mr: 4, nr: 8, tile: tileGo, interleave: interleaveGo}
+var goKernel = &gemmKernel{name: "generic", mr: 4, nr: 8, tile: tileGo, interleave: gemm.InterleaveGo[float32]}
 
 // simdLevel names a family of vector kernels.
 type simdLevel int
@@ -45,15 +46,7 @@ func (kern *gemmKernel) dot4(k int, x, b []float32, ldb int, out *[4]float32) in
 	if q, ok := dot4Arch(kern.simd, k, x, b, ldb, out); ok {
 		return q
 	}
-	return dot4Go(k, x, b, ldb, out)
-}
-
-func interleaveGo(kc int, src []float32, ld, rows int, dst []float32, dstStride int) {
-	for i := range rows {
-		for p, v := range src[i*ld : i*ld+kc] {
-			dst[p*dstStride+i] = v
-		}
-	}
+	return gemm.Dot4Go(k, x, b, ldb, out)
 }
 
 // simd is the fastest kernel of this CPU, chosen once; read-only after.
@@ -86,26 +79,6 @@ func tileGo(kc int, a, b, c []float32, ldc int, alpha float32, overwrite int) {
 			}
 		}
 	}
-}
-
-func dot4Go(k int, x, b []float32, ldb int, out *[4]float32) int {
-	x = x[:k]
-	for r := range 4 {
-		row := b[r*ldb : r*ldb+k]
-		var s0, s1, s2, s3 float32
-		i := 0
-		for ; i+4 <= k; i += 4 {
-			s0 += x[i] * row[i]
-			s1 += x[i+1] * row[i+1]
-			s2 += x[i+2] * row[i+2]
-			s3 += x[i+3] * row[i+3]
-		}
-		for ; i < k; i++ {
-			s0 += x[i] * row[i]
-		}
-		out[r] = (s0 + s1) + (s2 + s3)
-	}
-	return k
 }
 
 // Cache blocking. kcBlock steps of a B micro-panel (kcBlock·nr floats) stay
@@ -195,36 +168,6 @@ func (g *Native) threads() int {
 	return runtime.GOMAXPROCS(0)
 }
 
-func checkGemm(transA, transB bool, m, n, k int, a []float32, lda int, b []float32, ldb int, c []float32, ldc int) {
-	if m < 0 || n < 0 || k < 0 {
-		panic(fmt.Sprintf("kernels: negative gemm size %d×%d×%d", m, n, k))
-	}
-	ar, ac := m, k
-	if transA {
-		ar, ac = k, m
-	}
-	br, bc := k, n
-	if transB {
-		br, bc = n, k
-	}
-	need("A", len(a), ar, ac, lda)
-	if b != nil {
-		need("B", len(b), br, bc, ldb)
-	}
-	need("C", len(c), m, n, ldc)
-}
-
-// need panics unless a matrix of rows×cols with stride ld fits in size
-// values.
-func need(what string, size, rows, cols, ld int) {
-	if rows == 0 || cols == 0 {
-		return
-	}
-	if (rows > 1 && ld < cols) || size < (rows-1)*ld+cols {
-		panic(fmt.Sprintf("kernels: gemm %s of %d×%d with stride %d needs %d values, has %d", what, rows, cols, ld, (rows-1)*ld+cols, size))
-	}
-}
-
 // bOperand is the B of a product: a float32 matrix with stride ld, or a
 // Mat, whose values are widened as they are packed; trans says op(B) is
 // its transpose.
@@ -237,12 +180,12 @@ type bOperand struct {
 }
 
 func (g *Native) gemm(threads int, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	checkGemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+	gemm.CheckShapes("kernels", transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
 	if m == 0 || n == 0 {
 		return
 	}
 	if k == 0 || alpha == 0 || (beta != 0 && beta != 1) {
-		scaleC(m, n, beta, c, ldc)
+		gemm.Scale(m, n, beta, c, ldc)
 		if k == 0 || alpha == 0 {
 			return
 		}
@@ -327,12 +270,12 @@ func (g *Native) gemmMat(threads, m int, a []float32, lda int, w Mat, transW boo
 	if transW {
 		n, k = w.rows, w.cols
 	}
-	checkGemm(false, transW, m, n, k, a, lda, nil, 0, c, ldc)
+	gemm.CheckShapes("kernels", false, transW, m, n, k, a, lda, nil, 0, c, ldc)
 	if m == 0 || n == 0 {
 		return
 	}
 	if k == 0 {
-		scaleC(m, n, 0, c, ldc)
+		gemm.Scale(m, n, 0, c, ldc)
 		return
 	}
 	if m == 1 {
@@ -376,20 +319,6 @@ func parallel(threads, n, align int, f func(lo, hi int)) {
 			f(lo, hi)
 		}
 	}))
-}
-
-// scaleC sets C = beta·C, writing zeros (not 0·NaN) when beta is 0.
-func scaleC(m, n int, beta float32, c []float32, ldc int) {
-	for i := range m {
-		row := c[i*ldc : i*ldc+n]
-		if beta == 0 {
-			clear(row)
-			continue
-		}
-		for j := range row {
-			row[j] *= beta
-		}
-	}
 }
 
 // gemvT computes y[j] = alpha·Σ_p x[p]·b[j·ldb+p] (+ y[j] unless
@@ -493,17 +422,17 @@ func (g *Native) blocked(threads int, kern *gemmKernel, transA bool, m, n, k int
 					ap := bufs[t].a
 					for ic := r0 * mr; ic < min(m, r1*mr); ic += mcMax {
 						mc := min(mcMax, min(m, r1*mr)-ic)
-						packA(kern, ap, transA, a, lda, ic, pc, mc, kc, mr, 0, mc)
-						macro(kern, kc, mc, nc, 0, nc, alpha, ap, bp, c[ic*ldc+jc:], ldc, ow, bufs[t].edge)
+						gemm.PackA(kern.interleave, ap, transA, a, lda, ic, pc, mc, kc, mr, 0, mc)
+						gemm.Macro(kern.tile, mr, nr, kc, mc, nc, 0, nc, alpha, ap, bp, c[ic*ldc+jc:], ldc, ow, bufs[t].edge)
 					}
 				})
 				continue
 			}
 			parallel(threads, rowPanels, 1, func(r0, r1 int) {
-				packA(kern, sharedA, transA, a, lda, 0, pc, m, kc, mr, r0*mr, min(m, r1*mr))
+				gemm.PackA(kern.interleave, sharedA, transA, a, lda, 0, pc, m, kc, mr, r0*mr, min(m, r1*mr))
 			})
 			parallelT(threads, bPanels, func(t, p0, p1 int) {
-				macro(kern, kc, m, nc, p0*nr, min(nc, p1*nr), alpha, sharedA, bp, c[jc:], ldc, ow, bufs[t].edge)
+				gemm.Macro(kern.tile, mr, nr, kc, m, nc, p0*nr, min(nc, p1*nr), alpha, sharedA, bp, c[jc:], ldc, ow, bufs[t].edge)
 			})
 		}
 	}
@@ -525,48 +454,19 @@ func parallelT(threads, n int, f func(t, lo, hi int)) {
 	}))
 }
 
-// macro multiplies packed A (mc rows) by the packed B panels of columns
-// j0..j1 (multiples of nr, but j1 may be nc), into C (at its block's corner).
-func macro(kern *gemmKernel, kc, mc, nc, j0, j1 int, alpha float32, ap, bp, c []float32, ldc, ow int, edge []float32) {
-	mr, nr := kern.mr, kern.nr
-	for jr := j0; jr < j1; jr += nr {
-		w := min(nr, nc-jr)
-		bpan := bp[jr*kc : (jr+nr)*kc]
-		for ir := 0; ir < mc; ir += mr {
-			h := min(mr, mc-ir)
-			apan := ap[ir*kc : (ir+mr)*kc]
-			off := ir*ldc + jr
-			if h == mr && w == nr {
-				kern.tile(kc, apan, bpan, c[off:off+(mr-1)*ldc+nr], ldc, alpha, ow)
-				continue
-			}
-			kern.tile(kc, apan, bpan, edge, nr, alpha, 1)
-			for i := range h {
-				dst := c[off+i*ldc : off+i*ldc+w]
-				src := edge[i*nr : i*nr+w]
-				if ow != 0 {
-					copy(dst, src)
-				} else {
-					for j, v := range src {
-						dst[j] += v
-					}
-				}
-			}
-		}
-	}
-}
-
-// packB writes op(B)[pc:pc+kc, jc:jc+nc] as panels of nr columns, each kc
-// steps of nr values, zero-padding the last panel; only the panels of
-// columns j0..j1 of the block (j0 a multiple of nr). 16-bit values are
-// widened on the way, exactly, so the panels are those of the float32
-// matrix; wide (16·kc values) holds the rows of a 16-bit Bᵀ widened.
+// packB writes op(B)[pc:pc+kc, jc:jc+nc] as panels of nr columns, as
+// gemm.PackB does; a 16-bit Mat's values are widened on the way, exactly,
+// so the panels are those of the float32 matrix; wide (16·kc values) holds
+// the rows of a 16-bit Bᵀ widened.
 func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, j1 int, wide []float32) {
+	if !b.isMat {
+		gemm.PackB(kern.interleave, dst, b.trans, b.f32, b.ld, pc, jc, kc, nc, nr, j0, j1)
+		return
+	}
 	for jr := j0; jr < j1; jr += nr {
 		w := min(nr, nc-jr)
 		pan := dst[jr*kc : jr*kc+kc*nr]
-		switch {
-		case b.isMat && b.trans:
+		if b.trans {
 			for j := 0; j < w; j += 16 {
 				rows := min(16, w-j)
 				for i := range rows {
@@ -574,47 +474,11 @@ func packB(kern *gemmKernel, dst []float32, b bOperand, pc, jc, kc, nc, nr, j0, 
 				}
 				kern.interleave(kc, wide, kc, rows, pan[j:], nr)
 			}
-		case b.isMat:
+		} else {
 			for p := range kc {
 				b.mat.widen(pan[p*nr:p*nr+w], pc+p, jc+jr, jc+jr+w)
 			}
-		case b.trans:
-			for j := 0; j < w; j += 16 {
-				kern.interleave(kc, b.f32[(jc+jr+j)*b.ld+pc:], b.ld, min(16, w-j), pan[j:], nr)
-			}
-		default:
-			for p := range kc {
-				copy(pan[p*nr:p*nr+w], b.f32[(pc+p)*b.ld+jc+jr:(pc+p)*b.ld+jc+jr+w])
-			}
 		}
-		if w < nr {
-			for p := range kc {
-				clear(pan[p*nr+w : p*nr+nr])
-			}
-		}
-	}
-}
-
-// packA writes op(A)[ic:ic+mc, pc:pc+kc] as panels of mr rows, each kc
-// steps of mr values, zero-padding the last panel; only the panels of rows
-// i0..i1 of the block (i0 a multiple of mr).
-func packA(kern *gemmKernel, dst []float32, transA bool, a []float32, lda, ic, pc, mc, kc, mr, i0, i1 int) {
-	for ir := i0; ir < i1; ir += mr {
-		h := min(mr, mc-ir)
-		pan := dst[ir*kc : ir*kc+kc*mr]
-		if transA {
-			for p := range kc {
-				copy(pan[p*mr:p*mr+h], a[(pc+p)*lda+ic+ir:(pc+p)*lda+ic+ir+h])
-			}
-		} else {
-			for i := 0; i < h; i += 16 {
-				kern.interleave(kc, a[(ic+ir+i)*lda+pc:], lda, min(16, h-i), pan[i:], mr)
-			}
-		}
-		if h < mr {
-			for p := range kc {
-				clear(pan[p*mr+h : p*mr+mr])
-			}
-		}
+		gemm.PadPanel(pan, kc, w, nr)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/ebitengine/purego"
+	"github.com/transmla/transmla/internal/gemm"
 )
 
 // openblasLibs are the shared libraries tried, in order.
@@ -85,12 +86,12 @@ func (o *OpenBLAS) Library() string { return o.lib }
 
 // Gemm implements Backend.
 func (o *OpenBLAS) Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	checkGemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+	gemm.CheckShapes("kernels", transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
 	if m == 0 || n == 0 {
 		return
 	}
 	if k == 0 {
-		scaleC(m, n, beta, c, ldc)
+		gemm.Scale(m, n, beta, c, ldc)
 		return
 	}
 	ta, tb := int32(cblasNoTrans), int32(cblasNoTrans)

@@ -7,10 +7,11 @@
 package f64
 
 import (
-	"fmt"
 	"math"
 	"runtime"
 	"sync"
+
+	"github.com/transmla/transmla/internal/gemm"
 )
 
 // kernel is one register-tile micro-kernel.
@@ -35,7 +36,7 @@ type kernel struct {
 }
 
 // goKernel is the portable micro-kernel.
-var goKernel = &kernel{name: "generic", mr: 4, nr: 4, tile: tileGo, dot4: dot4Go, axpy4: axpy4Go, dotAxpy: dotAxpyGo}
+var goKernel = &kernel{name: "generic", mr: 4, nr: 4, tile: tileGo, dot4: gemm.Dot4Go[float64], axpy4: axpy4Go, dotAxpy: dotAxpyGo}
 
 // best is the fastest kernel this CPU runs, chosen once; read-only after.
 var best = func() *kernel {
@@ -86,26 +87,6 @@ func tileGo(kc int, a, b, c []float64, ldc int, alpha float64, overwrite int) {
 	}
 }
 
-func dot4Go(k int, x, a []float64, lda int, out *[4]float64) int {
-	x = x[:k]
-	for r := range 4 {
-		row := a[r*lda : r*lda+k]
-		var s0, s1, s2, s3 float64
-		p := 0
-		for ; p+4 <= k; p += 4 {
-			s0 += x[p] * row[p]
-			s1 += x[p+1] * row[p+1]
-			s2 += x[p+2] * row[p+2]
-			s3 += x[p+3] * row[p+3]
-		}
-		for ; p < k; p++ {
-			s0 += x[p] * row[p]
-		}
-		out[r] = (s0 + s1) + (s2 + s3)
-	}
-	return k
-}
-
 func axpy4Go(n int, c *[4]float64, a []float64, lda int, y []float64) int {
 	r0, r1, r2, r3 := a[:n], a[lda:lda+n], a[2*lda:2*lda+n], a[3*lda:3*lda+n]
 	for p := range y[:n] {
@@ -141,16 +122,16 @@ const (
 // written. It uses up to GOMAXPROCS goroutines and panics on slices too
 // short for their shapes, like an index out of range.
 func Gemm(transA, transB bool, m, n, k int, alpha float64, a []float64, lda int, b []float64, ldb int, beta float64, c []float64, ldc int) {
-	gemm(runtime.GOMAXPROCS(0), transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	gemmThreads(runtime.GOMAXPROCS(0), transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 
-func gemm(threads int, transA, transB bool, m, n, k int, alpha float64, a []float64, lda int, b []float64, ldb int, beta float64, c []float64, ldc int) {
-	checkShapes(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+func gemmThreads(threads int, transA, transB bool, m, n, k int, alpha float64, a []float64, lda int, b []float64, ldb int, beta float64, c []float64, ldc int) {
+	gemm.CheckShapes("f64", transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
 	if m == 0 || n == 0 {
 		return
 	}
 	if k == 0 || alpha == 0 || (beta != 0 && beta != 1) {
-		scale(m, n, beta, c, ldc)
+		gemm.Scale(m, n, beta, c, ldc)
 		if k == 0 || alpha == 0 {
 			return
 		}
@@ -212,45 +193,6 @@ func gemm(threads int, transA, transB bool, m, n, k int, alpha float64, a []floa
 	wg.Wait()
 }
 
-func checkShapes(transA, transB bool, m, n, k int, a []float64, lda int, b []float64, ldb int, c []float64, ldc int) {
-	if m < 0 || n < 0 || k < 0 {
-		panic(fmt.Sprintf("f64: negative gemm size %d×%d×%d", m, n, k))
-	}
-	ar, ac := m, k
-	if transA {
-		ar, ac = k, m
-	}
-	br, bc := k, n
-	if transB {
-		br, bc = n, k
-	}
-	need := func(what string, s []float64, rows, cols, ld int) {
-		if rows == 0 || cols == 0 {
-			return
-		}
-		if ld < cols || len(s) < (rows-1)*ld+cols {
-			panic(fmt.Sprintf("f64: gemm %s of %d×%d with stride %d needs %d values, has %d", what, rows, cols, ld, (rows-1)*ld+cols, len(s)))
-		}
-	}
-	need("A", a, ar, ac, lda)
-	need("B", b, br, bc, ldb)
-	need("C", c, m, n, ldc)
-}
-
-// scale sets C = beta·C, writing zeros (not 0·NaN) when beta is 0.
-func scale(m, n int, beta float64, c []float64, ldc int) {
-	for i := range m {
-		row := c[i*ldc : i*ldc+n]
-		if beta == 0 {
-			clear(row)
-			continue
-		}
-		for j := range row {
-			row[j] *= beta
-		}
-	}
-}
-
 // blocked is the single-goroutine cache-blocked product; it writes C
 // (overwrite) or adds to it.
 func blocked(kern *kernel, transA, transB bool, m, n, k int, alpha float64, a []float64, lda int, b []float64, ldb int, overwrite bool, c []float64, ldc int) {
@@ -269,94 +211,11 @@ func blocked(kern *kernel, transA, transB bool, m, n, k int, alpha float64, a []
 			if overwrite && pc == 0 {
 				ow = 1
 			}
-			packB(bp, transB, b, ldb, pc, jc, kc, nc, nr)
+			gemm.PackB(gemm.InterleaveGo[float64], bp, transB, b, ldb, pc, jc, kc, nc, nr, 0, nc)
 			for ic := 0; ic < m; ic += mcMax {
 				mc := min(mcMax, m-ic)
-				packA(ap, transA, a, lda, ic, pc, mc, kc, mr)
-				macro(kern, kc, mc, nc, alpha, ap, bp, c[ic*ldc+jc:], ldc, ow, edge)
-			}
-		}
-	}
-}
-
-// macro multiplies packed A (mc rows) by the packed B block (nc columns)
-// into C at its block's corner.
-func macro(kern *kernel, kc, mc, nc int, alpha float64, ap, bp, c []float64, ldc, ow int, edge []float64) {
-	mr, nr := kern.mr, kern.nr
-	for jr := 0; jr < nc; jr += nr {
-		w := min(nr, nc-jr)
-		bpan := bp[jr*kc : (jr+nr)*kc]
-		for ir := 0; ir < mc; ir += mr {
-			h := min(mr, mc-ir)
-			apan := ap[ir*kc : (ir+mr)*kc]
-			off := ir*ldc + jr
-			if h == mr && w == nr {
-				kern.tile(kc, apan, bpan, c[off:off+(mr-1)*ldc+nr], ldc, alpha, ow)
-				continue
-			}
-			kern.tile(kc, apan, bpan, edge, nr, alpha, 1)
-			for i := range h {
-				dst := c[off+i*ldc : off+i*ldc+w]
-				src := edge[i*nr : i*nr+w]
-				if ow != 0 {
-					copy(dst, src)
-					continue
-				}
-				for j, v := range src {
-					dst[j] += v
-				}
-			}
-		}
-	}
-}
-
-// packB writes op(B)[pc:pc+kc, jc:jc+nc] as panels of nr columns, each kc
-// steps of nr values, zero-padding the last panel.
-func packB(dst []float64, transB bool, b []float64, ldb, pc, jc, kc, nc, nr int) {
-	for jr := 0; jr < nc; jr += nr {
-		w := min(nr, nc-jr)
-		pan := dst[jr*kc : jr*kc+kc*nr]
-		if transB {
-			for j := range w {
-				src := b[(jc+jr+j)*ldb+pc : (jc+jr+j)*ldb+pc+kc]
-				for p, v := range src {
-					pan[p*nr+j] = v
-				}
-			}
-		} else {
-			for p := range kc {
-				copy(pan[p*nr:p*nr+w], b[(pc+p)*ldb+jc+jr:])
-			}
-		}
-		if w < nr {
-			for p := range kc {
-				clear(pan[p*nr+w : p*nr+nr])
-			}
-		}
-	}
-}
-
-// packA writes op(A)[ic:ic+mc, pc:pc+kc] as panels of mr rows, each kc
-// steps of mr values, zero-padding the last panel.
-func packA(dst []float64, transA bool, a []float64, lda, ic, pc, mc, kc, mr int) {
-	for ir := 0; ir < mc; ir += mr {
-		h := min(mr, mc-ir)
-		pan := dst[ir*kc : ir*kc+kc*mr]
-		if transA {
-			for p := range kc {
-				copy(pan[p*mr:p*mr+h], a[(pc+p)*lda+ic+ir:])
-			}
-		} else {
-			for i := range h {
-				src := a[(ic+ir+i)*lda+pc : (ic+ir+i)*lda+pc+kc]
-				for p, v := range src {
-					pan[p*mr+i] = v
-				}
-			}
-		}
-		if h < mr {
-			for p := range kc {
-				clear(pan[p*mr+h : p*mr+mr])
+				gemm.PackA(gemm.InterleaveGo[float64], ap, transA, a, lda, ic, pc, mc, kc, mr, 0, mc)
+				gemm.Macro(kern.tile, mr, nr, kc, mc, nc, 0, nc, alpha, ap, bp, c[ic*ldc+jc:], ldc, ow, edge)
 			}
 		}
 	}
@@ -365,7 +224,7 @@ func packA(dst []float64, transA bool, a []float64, lda, ic, pc, mc, kc, mr int)
 // Gemv computes y = alpha·A·x + beta·y for the m×n row-major A, with y
 // only written when beta is 0. Rows are split across goroutines.
 func Gemv(m, n int, alpha float64, a []float64, lda int, x []float64, beta float64, y []float64) {
-	checkShapes(false, false, m, 1, n, a, lda, x, 1, y, 1)
+	gemm.CheckShapes("f64", false, false, m, 1, n, a, lda, x, 1, y, 1)
 	kern := best
 	threads := int(max(1, min(int64(runtime.GOMAXPROCS(0)), int64(m)*int64(n)/minWork)))
 	rows := func(lo, hi int) {
@@ -412,7 +271,7 @@ func Gemv(m, n int, alpha float64, a []float64, lda int, x []float64, beta float
 // GemvT computes y = alpha·Aᵀ·x + y for the m×n row-major A: the rows of
 // A scaled by x, summed into y (n), four rows per pass over y.
 func GemvT(m, n int, alpha float64, a []float64, lda int, x []float64, y []float64) {
-	checkShapes(true, false, n, 1, m, a, lda, x, 1, y, 1)
+	gemm.CheckShapes("f64", true, false, n, 1, m, a, lda, x, 1, y, 1)
 	kern := best
 	var c [4]float64
 	i := 0
@@ -451,7 +310,7 @@ const syrkBlock = 192
 // both triangles written: each block row of the lower triangle is one
 // GEMM, then the upper triangle is mirrored, for half the work of Gemm.
 func Syrk(n, k int, alpha float64, a []float64, lda int, c []float64, ldc int) {
-	checkShapes(false, true, n, n, k, a, lda, a, lda, c, ldc)
+	gemm.CheckShapes("f64", false, true, n, n, k, a, lda, a, lda, c, ldc)
 	for i0 := 0; i0 < n; i0 += syrkBlock {
 		w := min(syrkBlock, n-i0)
 		Gemm(false, true, w, i0+w, k, alpha, a[i0*lda:], lda, a, lda, 0, c[i0*ldc:], ldc)
@@ -469,7 +328,7 @@ func Syrk(n, k int, alpha float64, a []float64, lda int, c []float64, ldc int) {
 // the matrix is read once, half of it. Goroutines take shares of rows of
 // equal area, each summing into a y of its own.
 func SymvUpper(m int, s []float64, lds int, x, y []float64) {
-	checkShapes(false, false, m, 1, m, s, lds, x, 1, y, 1)
+	gemm.CheckShapes("f64", false, false, m, 1, m, s, lds, x, 1, y, 1)
 	kern := best
 	threads := int(max(1, min(int64(runtime.GOMAXPROCS(0)), int64(m)*int64(m)/2/minWork)))
 	rows := func(lo, hi int, acc []float64) {

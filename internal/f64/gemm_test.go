@@ -89,7 +89,7 @@ func TestGemmMatchesNaive(t *testing.T) {
 					for _, threads := range []int{1, 3} {
 						got := append([]float64(nil), c...)
 						withKernel(kern, func() {
-							gemm(threads, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], got, ldc)
+							gemmThreads(threads, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], got, ldc)
 						})
 						if e := maxRelErr(got, want); e > 1e-13 {
 							t.Fatalf("%s threads %d: relative error %.3g", name, threads, e)
