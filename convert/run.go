@@ -209,7 +209,7 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 		return nil, err
 	}
 	dst := TargetConfig(src, opts)
-	if err := checkOutput(job.Source, job.Output, job.Force); err != nil {
+	if err := CheckOutput(job.Source, job.Output, job.Force, job.Calibration); err != nil {
 		return nil, err
 	}
 	be := job.Backend
@@ -380,7 +380,7 @@ func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options
 	if opts.Format == FormatStock && dt == safetensors.F16 {
 		// The stock latent is scaled far below 1 (see shrinkLatent); its
 		// weights would underflow f16's range.
-		return opts, errors.New("--format deepseek-v3-stock cannot be stored as f16 (its scaled-down latent weights underflow); use --dtype bf16 or f32")
+		return opts, ErrStockF16
 	}
 	// The config is written last: what it cannot express (a sliding
 	// window, say) must fail before the layers are converted.
@@ -390,10 +390,17 @@ func checkOptions(src model.Config, opts Options, dt safetensors.DType) (Options
 	return opts, nil
 }
 
-// checkOutput refuses an output that is the source (or holds it, or lies
-// inside it), that exists without force, or that is not a directory; see
-// atomicfile.OutputDir for outputs that are symbolic links.
-func checkOutput(source, output string, force bool) error {
+// ErrStockF16 is the refusal of the stock format stored as f16, which
+// also meets an f16 source converted with the default format and dtype.
+var ErrStockF16 = errors.New("--format deepseek-v3-stock (the default) cannot be stored as f16: its scaled-down latent weights underflow; pass --dtype bf16 or f32, or --format exact")
+
+// CheckOutput refuses an output that is the source (or holds it, or lies
+// inside it), that holds the calibration file (cal may be nil), that
+// exists without force, or that is not a directory; see
+// atomicfile.OutputDir for outputs that are symbolic links. Run checks it
+// before any work; callers with work of their own before Run (a search)
+// check it first too.
+func CheckOutput(source, output string, force bool, cal *Calibration) error {
 	if output == "" {
 		return errors.New("no output directory (-o DIR)")
 	}
@@ -401,6 +408,9 @@ func checkOutput(source, output string, force bool) error {
 	// the source, or holds it, under another name would delete it.
 	if atomicfile.Inside(output, source) || atomicfile.Inside(source, output) {
 		return fmt.Errorf("output %s is, contains or lies inside the source %s; convert never modifies its input", output, source)
+	}
+	if cal != nil && cal.File != "" && atomicfile.Inside(cal.File, output) {
+		return fmt.Errorf("output %s holds the calibration file %s, which replacing it would delete; write the output elsewhere", output, cal.File)
 	}
 	_, exists, err := atomicfile.OutputDir(output)
 	if err != nil {

@@ -127,6 +127,9 @@ directory appears only when complete; MODEL is never modified.`,
 			if search {
 				return searchConvert(c, dir, cfg, opts, cal, be)
 			}
+			if c.IsSet("search-ctx") {
+				return usagef("--search-ctx sizes the held-out windows of a --cache search; a conversion with --dc has none")
+			}
 			if err := opts.Validate(cfg); err != nil {
 				return usageError{err}
 			}
@@ -146,7 +149,7 @@ directory appears only when complete; MODEL is never modified.`,
 			sum, err := convert.Run(c.Context, job)
 			bar.Done()
 			if err != nil {
-				return fmt.Errorf("convert %s: %w", dir, err)
+				return conversionError("convert", dir, err)
 			}
 			rep := convertReport{Summary: sum, PeakRSSBytes: peakRSS(), Backend: be.Name()}
 			if c.Bool("json") {
@@ -234,6 +237,12 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	if c.IsSet("search-ctx") && (job.Ctx < 2 || (cfg.MaxPositionEmbeddings > 0 && job.Ctx > cfg.MaxPositionEmbeddings)) {
 		return usagef("--search-ctx %d must be in [2, max_position_embeddings %d]", job.Ctx, cfg.MaxPositionEmbeddings)
 	}
+	// The output is checked before the search, not only when the result
+	// is written minutes later.
+	output, force := c.String("output"), c.Bool("force")
+	if err := convert.CheckOutput(dir, output, force, cal); err != nil {
+		return fmt.Errorf("convert %s: %w", dir, err)
+	}
 	bar := newProgress(c.App.ErrWriter, cfg.NumLayers*2, "searching")
 	job.Progress = func(ev convert.Event) {
 		switch ev.Stage {
@@ -249,15 +258,12 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	}
 	res, err := convert.Search(c.Context, job)
 	bar.Done()
-	if berr := (*convert.BudgetError)(nil); errors.As(err, &berr) {
-		return usageError{fmt.Errorf("convert %s: %w", dir, err)}
-	}
 	if err != nil {
-		return fmt.Errorf("convert %s: %w", dir, err)
+		return conversionError("convert", dir, err)
 	}
 	best := res.Budgets[0].Best()
 	wbar := newProgress(c.App.ErrWriter, cfg.NumLayers, "writing")
-	sum, err := res.Write(c.Context, best, c.String("output"), c.Bool("force"), func(ev convert.Event) {
+	sum, err := res.Write(c.Context, best, output, force, func(ev convert.Event) {
 		if ev.Stage == convert.StageWrite {
 			wbar.Set(ev.Layer+1, ev.Layers)
 		}
@@ -317,4 +323,15 @@ func countFinalists(b convert.BudgetResult) int {
 		}
 	}
 	return n
+}
+
+// conversionError wraps an error of command cmd on model dir; the
+// refusals that a flag causes or fixes (a budget nothing fits, the stock
+// format as f16) are usage errors, exit 2.
+func conversionError(cmd, dir string, err error) error {
+	err = fmt.Errorf("%s %s: %w", cmd, dir, err)
+	if berr := (*convert.BudgetError)(nil); errors.As(err, &berr) || errors.Is(err, convert.ErrStockF16) {
+		return usageError{err}
+	}
+	return err
 }

@@ -111,6 +111,9 @@ func TestConvertBadInput(t *testing.T) {
 		{"non-finite weights", []string{"convert", nan, "--dc", "32"}, exitError, "non-finite"},
 		{"unreadable calibration file", []string{"convert", dir, "--dc", "32", "--calib", filepath.Join(dir, "absent.txt")}, exitError, "calibration file"},
 		{"existing output", []string{"convert", dir, "--dc", "32", "-o", mla}, exitError, "pass --force"},
+		{"existing output of a search", []string{"convert", dir, "--cache", "64", "--calib", calib, "-o", mla}, exitError, "pass --force"},
+		{"output inside the source, search", []string{"convert", dir, "--cache", "64", "--calib", calib, "-o", filepath.Join(dir, "out")}, exitError, "lies inside the source"},
+		{"search-ctx without a search", []string{"convert", dir, "--dc", "32", "--search-ctx", "64"}, exitUsage, "--search-ctx"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			parent := t.TempDir()
@@ -133,6 +136,50 @@ func TestConvertBadInput(t *testing.T) {
 				t.Errorf("left behind: %v", entries)
 			}
 		})
+	}
+}
+
+// convert never deletes an input that the output would replace: a
+// calibration file inside the output directory is refused, with --force
+// too, and the directory is left as it was.
+func TestConvertKeepsTheCalibrationFile(t *testing.T) {
+	dir := synthetic(t)
+	out := filepath.Join(t.TempDir(), "out")
+	if err := os.Mkdir(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	calib := filepath.Join(out, "calib.txt")
+	if err := os.WriteFile(calib, []byte(strings.Repeat(demoText, 3)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"--dc", "32"},
+		{"--cache", "64"},
+	} {
+		_, stderr, code := run(t, append([]string{"convert", dir, "-o", out, "--force", "--calib", calib}, args...)...)
+		if code != exitError || !strings.Contains(stderr, "holds the calibration file") {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and the calibration file named", args, code, stderr, exitError)
+		}
+		if b, err := os.ReadFile(calib); err != nil || string(b) != strings.Repeat(demoText, 3) {
+			t.Fatalf("%v: the calibration file is gone or changed (%v)", args, err)
+		}
+	}
+}
+
+// The default (stock) format cannot be stored as f16: an f16 source
+// converted with the defaults is a usage error naming both ways out.
+func TestConvertF16SourceStockFormat(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "f16")
+	if _, stderr, code := run(t, "synth", "-o", dir, "--dtype", "f16"); code != 0 {
+		t.Fatalf("synth: %s", stderr)
+	}
+	out := filepath.Join(t.TempDir(), "out")
+	_, stderr, code := run(t, "convert", dir, "--dc", "32", "-o", out)
+	if code != exitUsage || !strings.Contains(stderr, "--dtype bf16 or f32, or --format exact") {
+		t.Errorf("exit %d, stderr %q; want exit %d naming --dtype and --format exact", code, stderr, exitUsage)
+	}
+	if _, stderr, code := run(t, "convert", dir, "--dc", "32", "-o", out, "--format", "exact"); code != 0 {
+		t.Errorf("--format exact of an f16 source: exit %d: %s", code, stderr)
 	}
 }
 

@@ -147,7 +147,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			sc.Progress = sweepProgress(c)
 			res, err := sweep.Run(c.Context, sc)
 			if err != nil {
-				return fmt.Errorf("sweep %s: %w", dir, err)
+				return conversionError("sweep", dir, err)
 			}
 			if c.Bool("json") {
 				return writeJSON(c.App.Writer, res)
