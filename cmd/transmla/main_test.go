@@ -112,6 +112,10 @@ func TestErrorsAndExitCodes(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(badArch, "config.json"), []byte(`{"architectures": ["GPT2LMHeadModel"]}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	data := filepath.Join(t.TempDir(), "data.txt")
+	if err := os.WriteFile(data, []byte(demoText), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -141,6 +145,9 @@ func TestErrorsAndExitCodes(t *testing.T) {
 		{"generate: unknown cache dtype", []string{"generate", filepath.Join(dir, "absent"), "--cache-dtype", "f8"}, exitUsage, `"f8"`},
 		{"bench: unknown cache dtype", []string{"bench", filepath.Join(dir, "absent"), "--cache-dtype", "f8"}, exitUsage, `"f8"`},
 		{"help on an unknown command", []string{"help", "evaluate"}, exitUsage, "evaluate"},
+		// --ids-out never replaces an input.
+		{"tokenize: ids over the data", []string{"tokenize", dir, "--data", data, "--ids-out", data}, exitUsage, "is the --data file"},
+		{"tokenize: ids into the model", []string{"tokenize", dir, "--data", data, "--ids-out", filepath.Join(dir, "config.json")}, exitUsage, "lies inside the model"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, stderr, code := run(t, tc.args...)
@@ -151,6 +158,9 @@ func TestErrorsAndExitCodes(t *testing.T) {
 				t.Errorf("error is not one line: %q", stderr)
 			}
 		})
+	}
+	if b, err := os.ReadFile(data); err != nil || string(b) != demoText {
+		t.Errorf("the data file changed (%v)", err)
 	}
 }
 

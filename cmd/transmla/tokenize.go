@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -17,7 +18,7 @@ func tokenizeCommand() *cli.Command {
 		ArgsUsage: "MODEL",
 		Description: `Encodes --data exactly as eval does (special tokens only where the
 tokenizer's post-processor adds them). --ids-out writes the ids as a JSON array
-on one line, e.g. for scripts/torch_eval.py: a regular file is replaced atomically
+on one line, for scripts that compare with another tokenizer: a regular file is replaced atomically
 (through a symbolic link, whose target is replaced); a device or named pipe, such
 as /dev/stdout, is written to as it is.`,
 		Flags: []cli.Flag{
@@ -31,6 +32,9 @@ as /dev/stdout, is written to as it is.`,
 			}
 			dir, err := modelArg(c)
 			if err != nil {
+				return err
+			}
+			if err := checkIDsOut(c, dir); err != nil {
 				return err
 			}
 			tok, err := loadTokenizer(dir)
@@ -65,4 +69,25 @@ as /dev/stdout, is written to as it is.`,
 			return nil
 		},
 	})
+}
+
+// checkIDsOut refuses an --ids-out that would replace an input (the
+// --data file, or a file of the model) or, with --json, share standard
+// output with the JSON object.
+func checkIDsOut(c *cli.Context, model string) error {
+	out := c.String("ids-out")
+	if out == "" {
+		return nil
+	}
+	if atomicfile.Inside(out, c.String("data")) || atomicfile.Inside(out, model) {
+		return usagef("--ids-out %s is the --data file or lies inside the model %s; write the ids elsewhere", out, model)
+	}
+	if stdout, ok := c.App.Writer.(*os.File); ok && c.Bool("json") {
+		outInfo, errOut := os.Stat(out)
+		stdoutInfo, errStd := stdout.Stat()
+		if errOut == nil && errStd == nil && os.SameFile(outInfo, stdoutInfo) {
+			return usagef("--ids-out %s is standard output, where --json prints its object; give one of them", out)
+		}
+	}
+	return nil
 }
