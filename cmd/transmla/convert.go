@@ -55,7 +55,7 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows the candidates are scored on (long-context models: the context they serve)", DefaultText: "min(1024, max_position_embeddings)"},
 			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (instead of --cache); at most 2·n_kv·head_dim − rope-dim"},
 			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim, even (fixes it in a --cache search)", DefaultText: "64, or the largest even divisor of head_dim below it"},
-			&cli.Float64Flag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N: head_dim/rope-dim spreads the slots over all frequencies, 1 packs them on the fastest, 1/2 or 1/4 gives those two or four slots (rope_theta is set to match)", DefaultText: "head_dim/rope-dim"},
+			&cli.StringFlag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N: head_dim/rope-dim spreads the slots over all frequencies, 1 packs them on the fastest, 1/2 or 1/4 gives those two or four slots (rope_theta is set to match)", DefaultText: "head_dim/rope-dim"},
 			&cli.StringFlag{Name: "rope-rank", Usage: "rorope: rank components by the score variance they carry (score: key energy seen through the queries) or by key energy (key, TransMLA's); auto is score when calibrated, key when data-free", Value: "auto"},
 			&cli.StringFlag{Name: "rope-select", Usage: "which key dims keep RoPE: rorope (PCA across KV heads), or per-head pairs 2norm, high, uniform", Value: rope.MethodRoRoPE},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of the stride, or auto (two slots' worth where those frequencies are within 2×)", Value: "auto"},
@@ -93,7 +93,9 @@ directory appears only when complete; MODEL is never modified.`,
 			if c.IsSet("rope-dim") {
 				opts.RopeDim = c.Int("rope-dim")
 			}
-			opts.RopeStride = c.Float64("rope-stride")
+			if opts.RopeStride, err = parseRopeStride(c.String("rope-stride")); err != nil {
+				return err
+			}
 			if r := c.String("rope-rank"); r != "auto" {
 				opts.RopeRank = r
 			}

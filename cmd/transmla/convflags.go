@@ -1,9 +1,12 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -26,6 +29,25 @@ func parseFreqFold(s string) (int, error) {
 		return 0, usagef("--freqfold %s: want a positive number or auto", s)
 	}
 	return n, nil
+}
+
+// parseRopeStride reads --rope-stride: a positive number, as a decimal
+// or a fraction (1/2, 1/4); empty is the default, head_dim/rope-dim
+// (returned as 0).
+func parseRopeStride(s string) (float64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if num, den, ok := strings.Cut(s, "/"); ok {
+		n, errN := strconv.ParseFloat(num, 64)
+		d, errD := strconv.ParseFloat(den, 64)
+		v, err = n/d, errors.Join(errN, errD)
+	}
+	if err != nil || !(v > 0) || math.IsInf(v, 0) {
+		return 0, usagef("--rope-stride %s: want a positive number, e.g. 2, 1, 0.5 or 1/2", s)
+	}
+	return v, nil
 }
 
 // checkDType refuses a --dtype that the export cannot write.

@@ -235,7 +235,7 @@ func TestRopeExports(t *testing.T) {
 		{map[string]any{"rope_type": "default", "rope_theta": 10000.0}, "1"},
 		{map[string]any{"rope_type": "default", "rope_theta": 10000.0}, "0.5"},
 		{map[string]any{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, ""},
-		{map[string]any{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, "0.5"},
+		{map[string]any{"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, "1/2"},
 		{map[string]any{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}, ""},
 		{map[string]any{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}, "1"},
 	} {

@@ -45,7 +45,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows candidates are scored on", DefaultText: "min(1024, max_position_embeddings)"},
 			&cli.StringFlag{Name: "method", Usage: "comma-separated methods, each ROPE-SELECT+WEIGHTING (either part alone keeps the other's default): rope-select " + strings.Join(rope.Methods(), ", ") + "; weighting " + strings.Join(convert.Weightings(), ", "), Value: rope.MethodRoRoPE + "+" + convert.WeightAttention},
 			&cli.StringFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim; with --cache, a comma-separated list of d_r series", DefaultText: "64, or the largest even divisor of head_dim below it"},
-			&cli.Float64Flag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N (see convert --help; not with --cache)", DefaultText: "head_dim/rope-dim"},
+			&cli.StringFlag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N (see convert --help; not with --cache)", DefaultText: "head_dim/rope-dim"},
 			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, or auto", Value: "auto"},
 			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
 			&cli.Float64Flag{Name: "value-weight", Usage: "attention weighting: weight of value error relative to key error", Value: 1},
@@ -192,7 +192,10 @@ func sweepMethods(c *cli.Context, cfg model.Config, maxRank int, validate bool) 
 		}
 		base.RopeDim = n
 	}
-	base.RopeStride = c.Float64("rope-stride")
+	var err error
+	if base.RopeStride, err = parseRopeStride(c.String("rope-stride")); err != nil {
+		return nil, err
+	}
 	base.NopeSpan = c.Float64("nope-span")
 	base.ValueWeight = c.Float64("value-weight")
 	base.Format = c.String("format")
