@@ -41,8 +41,6 @@ type SearchJob struct {
 	// max_position_embeddings) tokens, fewer and shorter (down to 2 of 64)
 	// where that would take more than a quarter of the calibration text.
 	Windows, Ctx int
-	// Accept, when not nil, restricts the shapes searched (an engine's).
-	Accept func(dc, dr int) bool
 	// Backend computes calibration and scoring.
 	Backend kernels.Backend
 	// Version is the tool version recorded in written checkpoints.
@@ -97,7 +95,8 @@ type Candidate struct {
 	Best           bool `json:"best,omitempty"`
 	BestForRopeDim bool `json:"best_for_rope_dim,omitempty"`
 
-	method int // index of its settings in the plan
+	method int  // index of its settings in the plan
+	extra  bool // only in a RopeDims series (see Search)
 }
 
 // BudgetResult is a search's outcome at one budget.
@@ -190,11 +189,18 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	type shape struct{ settings, rank int }
+	// extra marks the candidates only a RopeDims series asked for:
+	// the budget's best is chosen without them, as convert --cache
+	// chooses it.
+	type shape struct {
+		settings, rank int
+		extra          bool
+	}
 	var settings []Options
 	perBudget := make([][]shape, len(job.Budgets))
 	for bi, n := range job.Budgets {
 		cands := SearchSettings(cfg, n, job.Base)
+		searched := len(cands)
 		for _, dr := range job.RopeDims {
 			b := job.Base
 			b.RopeDim = dr
@@ -204,11 +210,8 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 				}
 			}
 		}
-		for _, o := range cands {
+		for ci, o := range cands {
 			dc := min(n-o.RopeDim, LosslessRank(cfg, o.RopeDim))
-			if job.Accept != nil && !job.Accept(dc, o.RopeDim) {
-				continue
-			}
 			shaped := o
 			shaped.Rank = dc
 			if shaped.validateTarget(cfg) != nil {
@@ -220,7 +223,7 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 				settings = append(settings, o)
 			}
 			settings[i].Rank = max(settings[i].Rank, dc)
-			perBudget[bi] = append(perBudget[bi], shape{i, dc})
+			perBudget[bi] = append(perBudget[bi], shape{i, dc, ci >= searched})
 		}
 		if len(perBudget[bi]) == 0 {
 			why := fmt.Sprintf("fits (the latent needs at least %d values, and the RoPE key at least 2)", minSearchRank)
@@ -248,11 +251,16 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 	if be == nil {
 		be = kernels.Gonum{}
 	}
+	// The finalists are known only after screening: the total counts at
+	// most searchFinalists per series, and the count skips what was not
+	// needed.
 	total := 0
-	for _, s := range perBudget {
+	estimate := make([]int, len(perBudget))
+	for bi, s := range perBudget {
 		total += len(s)
 		if windows > searchFirstWindows {
-			total += min(searchFinalists, len(s)) * (1 + len(job.RopeDims))
+			estimate[bi] = min(searchFinalists, len(s)) * (1 + len(job.RopeDims))
+			total += estimate[bi]
 		}
 	}
 	done := 0
@@ -269,6 +277,10 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 		if err != nil {
 			return 0, fmt.Errorf("score d_c %d + d_r %d: %w", c.Rank, c.RopeDim, err)
 		}
+		if math.IsNaN(pr.PPL) || math.IsInf(pr.PPL, 0) {
+			// No order ranks it, and JSON cannot hold it.
+			return 0, fmt.Errorf("score d_c %d + d_r %d: held-out perplexity %v", c.Rank, c.RopeDim, pr.PPL)
+		}
 		done++
 		if job.Progress != nil {
 			job.Progress(Event{Stage: StageScore, Layer: done, Layers: total})
@@ -279,7 +291,7 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 		br := BudgetResult{Cache: job.Budgets[bi]}
 		for _, s := range shapes {
 			o := settings[s.settings]
-			c := Candidate{Rank: s.rank, RopeDim: o.RopeDim, RopeStride: o.RopeStride, FreqFold: o.FreqFold, method: s.settings}
+			c := Candidate{Rank: s.rank, RopeDim: o.RopeDim, RopeStride: o.RopeStride, FreqFold: o.FreqFold, method: s.settings, extra: s.extra}
 			if c.RopeStride == 0 {
 				c.RopeStride = float64(cfg.HeadDim / o.RopeDim)
 			}
@@ -295,7 +307,13 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			order[i] = i
 		}
 		sort.SliceStable(order, func(a, b int) bool { return br.Candidates[order[a]].Screen < br.Candidates[order[b]].Screen })
-		finalists := order[:min(searchFinalists, len(order))]
+		var finalists []int
+		for _, i := range order {
+			if !br.Candidates[i].extra && len(finalists) < searchFinalists {
+				finalists = append(finalists, i)
+			}
+		}
+		chosen := len(finalists) // finalists[:chosen] compete for Best
 		group := func(dr int) []int {
 			var g []int
 			for _, i := range order {
@@ -321,13 +339,18 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 				}
 			}
 		}
-		best := finalists[0]
-		for _, i := range finalists {
-			if br.Candidates[i].PPL < br.Candidates[best].PPL {
-				best = i
-			}
+		if windows > searchFirstWindows {
+			done += estimate[bi] - len(finalists) // the total counted the estimate
 		}
-		br.Candidates[best].Best = true
+		if chosen > 0 {
+			best := finalists[0]
+			for _, i := range finalists[:chosen] {
+				if br.Candidates[i].PPL < br.Candidates[best].PPL {
+					best = i
+				}
+			}
+			br.Candidates[best].Best = true
+		}
 		for _, dr := range job.RopeDims {
 			if g := group(dr); len(g) > 0 {
 				b := g[0]
@@ -362,7 +385,8 @@ func heldOutWindows(job SearchJob, cfg model.Config) (windows, ctxLen int, err e
 	if err != nil {
 		return 0, 0, fmt.Errorf("calibration needs the source's tokenizer: %w", err)
 	}
-	quarter := len(tok.Encode(string(text), true)) / 4
+	tokens := len(tok.Encode(string(text), true))
+	quarter := tokens / 4
 	if windows == 0 {
 		windows = DefaultSearchWindows
 	}
@@ -379,7 +403,7 @@ func heldOutWindows(job SearchJob, cfg model.Config) (windows, ctxLen int, err e
 		ctxLen /= 2
 	}
 	if windows*ctxLen > quarter {
-		return 0, 0, fmt.Errorf("calibration file %s: %d tokens, too short to hold out %d windows of %d for the search (a quarter at most); use a longer file", job.Calibration.File, 4*quarter, windows, ctxLen)
+		return 0, 0, fmt.Errorf("calibration file %s: %d tokens, too short to hold out %d windows of %d for the search (a quarter at most); use a longer file", job.Calibration.File, tokens, windows, ctxLen)
 	}
 	return windows, ctxLen, nil
 }

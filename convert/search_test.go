@@ -109,7 +109,7 @@ func TestSearchPicksAndWritesTheBest(t *testing.T) {
 			}
 			if c.PPL > 0 {
 				finalists++
-				if c.PPL < best.PPL {
+				if c.PPL < best.PPL && !c.extra {
 					t.Errorf("budget %d: finalist %+v beats the chosen %+v", b.Cache, c, best)
 				}
 			}
@@ -139,6 +139,53 @@ func TestSearchPicksAndWritesTheBest(t *testing.T) {
 		if math.Abs(pr.PPL-best.PPL) > 1e-6*best.PPL {
 			t.Errorf("budget %d: the written checkpoint scores %v on the held-out tokens, the search %v", b.Cache, pr.PPL, best.PPL)
 		}
+	}
+}
+
+// The candidates that only a fixed-d_r series brings in (here d_r 32,
+// whose latent would get less than a quarter of the budget) never become
+// the budget's best: with or without the series, the search chooses what
+// convert --cache chooses.
+func TestSearchBestIgnoresSeriesCandidates(t *testing.T) {
+	if testing.Short() {
+		t.Skip("converts and scores candidates (-short)")
+	}
+	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
+	job := SearchJob{
+		Source: src, Budgets: []int{40}, Base: DefaultOptions(model.Config{}, 0),
+		Calibration: &Calibration{File: calibText(t), Tokens: 512, SeqLen: 64, Seed: 1},
+		Windows:     2, Ctx: 64, Backend: kernels.NewNative(), Version: "test",
+	}
+	job.Base.RopeDim = 0
+	plain, err := Search(context.Background(), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job.RopeDims = []int{32}
+	series, err := Search(context.Background(), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := series.Budgets[0]
+	extras := 0
+	for _, c := range b.Candidates {
+		if c.extra {
+			extras++
+			if c.RopeDim != 32 || c.Best {
+				t.Errorf("series candidate %+v", c)
+			}
+		}
+	}
+	if extras == 0 {
+		t.Fatal("the d_r 32 series added no candidates: the test shows nothing")
+	}
+	want, got := plain.Budgets[0].Best(), b.Best()
+	want.method, got.method = 0, 0
+	if got != want {
+		t.Errorf("best with the series %+v, without %+v", got, want)
+	}
+	if c, ok := b.BestWith(32); !ok || c.RopeDim != 32 {
+		t.Errorf("best with d_r 32: %+v (%v)", c, ok)
 	}
 }
 

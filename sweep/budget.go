@@ -138,7 +138,8 @@ func (r *runner) budgetPoint(ctx context.Context, search *convert.SearchResult, 
 			b = br
 		}
 	}
-	cand, ok := b.Best(), true
+	cand := b.Best()
+	ok := cand.Best // none when only other series' shapes fit
 	if t.series.ropeDim > 0 {
 		cand, ok = b.BestWith(t.series.ropeDim)
 	}
