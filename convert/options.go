@@ -230,6 +230,12 @@ func (o Options) Validate(cfg model.Config) error {
 				return fmt.Errorf("--freqfold %d must be a multiple of the rope stride %d that divides head_dim/2 = %d", o.FreqFold, c, d/2)
 			}
 		}
+		// What the RoPE stage itself will refuse, refused here, before any
+		// work (FreqFold 0 stands for its default).
+		ro := rope.Options{Method: o.RopeMethod, RopeDim: o.RopeDim, Stride: o.RopeStride, FreqFold: o.FreqFold}
+		if err := ro.Check(d, cfg.NumKVHeads); err != nil {
+			return fmt.Errorf("--rope-dim %d, --rope-stride %v, --freqfold %d (0: its default): %w", o.RopeDim, o.RopeStride, o.FreqFold, err)
+		}
 		if bound := LosslessRank(cfg, o.RopeDim); o.Rank > bound {
 			return fmt.Errorf("--dc %d is above the lossless bound 2·n_kv·d_h − d_r = %d; use --dc %d or less", o.Rank, bound, bound)
 		}

@@ -164,6 +164,55 @@ func (o Options) stride(d int) float64 {
 	return o.Stride
 }
 
+// fold is the FreqFold RoRoPE uses: the option, or by default one band
+// per slot stride.
+func (o Options) fold(d int) int {
+	if o.FreqFold != 0 {
+		return o.FreqFold
+	}
+	return max(1, int(o.stride(d)))
+}
+
+// Check reports whether Decouple can run o on heads of d dims with
+// kvHeads KV heads: the slots fit (CheckSlots); for RoRoPE, FreqFold (or
+// its default) is a whole number of strides that divides d/2, with no
+// more slots per band than it has components; the partial methods keep
+// whole strides and take neither FreqFold nor a ranking.
+func (o Options) Check(d, kvHeads int) error {
+	if err := CheckSlots(d, o.RopeDim, o.Stride); err != nil {
+		return err
+	}
+	s := o.stride(d)
+	method := o.Method
+	if method == "" {
+		method = MethodRoRoPE
+	}
+	switch method {
+	case MethodRoRoPE:
+		fold := o.fold(d)
+		if r := float64(fold) / s; fold < 1 || r != math.Trunc(r) || (d/2)%fold != 0 {
+			return fmt.Errorf("freqfold %d must be a multiple of the rope stride %v and divide head_dim/2 = %d", fold, s, d/2)
+		} else if int(r) > fold*kvHeads {
+			return fmt.Errorf("rope stride %v gives %d slots to each band of %d frequencies, more than its %d components (%d KV heads); use a stride of at least %v", s, int(r), fold, fold*kvHeads, kvHeads, 1/float64(kvHeads))
+		}
+		if o.Rank != "" && o.Rank != RankKey && o.Rank != RankScore {
+			return fmt.Errorf("unknown rope ranking %q (known: %v)", o.Rank, Rankings())
+		}
+	case Method2Norm, MethodHigh, MethodUniform:
+		switch {
+		case o.FreqFold != 0:
+			return fmt.Errorf("freqfold applies to %s only, not %s", MethodRoRoPE, method)
+		case o.Rank != "" && o.Rank != RankKey:
+			return fmt.Errorf("rope ranking %s applies to %s only, not %s", o.Rank, MethodRoRoPE, method)
+		case s < 1 || s != math.Trunc(s):
+			return fmt.Errorf("%s keeps one (head, frequency) pair per slot: its rope stride must be a whole number, not %v", method, s)
+		}
+	default:
+		return fmt.Errorf("unknown rope method %q (known: %v)", method, Methods())
+	}
+	return nil
+}
+
 // CheckSlots reports whether RoPE slots of ropeDim dims at stride (0 = the
 // default) fit a head of d dims: ropeDim even, dividing d for the default
 // stride, and the last slot's source index, (ropeDim/2 − 1)·stride,
@@ -202,7 +251,7 @@ func SlotTheta(theta float64, d, ropeDim int, stride float64) float64 {
 func Decouple(source Params, kvHeads int, opts Options, m Moments) (*Decoupling, error) {
 	d := source.Dim
 	dr := opts.RopeDim
-	if err := CheckSlots(d, dr, opts.Stride); err != nil {
+	if err := opts.Check(d, kvHeads); err != nil {
 		return nil, err
 	}
 	keyDim := kvHeads * d
@@ -230,40 +279,13 @@ func Decouple(source Params, kvHeads int, opts Options, m Moments) (*Decoupling,
 	}
 	switch method {
 	case MethodRoRoPE:
-		fold := opts.FreqFold
-		if fold == 0 {
-			fold = max(1, int(s))
-		}
-		if r := float64(fold) / s; r != math.Trunc(r) || (d/2)%fold != 0 {
-			return nil, fmt.Errorf("freqfold %d must be a multiple of the rope stride %v and divide head_dim/2 = %d", fold, s, d/2)
-		} else if int(r) > fold*kvHeads {
-			return nil, fmt.Errorf("rope stride %v gives %d slots to each band of %d frequencies, more than its %d components (%d KV heads); use a stride of at least %v", s, int(r), fold, fold*kvHeads, kvHeads, 1/float64(kvHeads))
-		}
-		var whiten bool
-		switch opts.Rank {
-		case "", RankKey:
-		case RankScore:
-			whiten = true
-		default:
-			return nil, fmt.Errorf("unknown rope ranking %q (known: %v)", opts.Rank, Rankings())
-		}
-		if err := b.rorope(fold, whiten); err != nil {
+		if err := b.rorope(opts.fold(d), opts.Rank == RankScore); err != nil {
 			return nil, err
 		}
 	case Method2Norm, MethodHigh, MethodUniform:
-		switch {
-		case opts.FreqFold != 0:
-			return nil, fmt.Errorf("freqfold applies to %s only, not %s", MethodRoRoPE, method)
-		case opts.Rank != "" && opts.Rank != RankKey:
-			return nil, fmt.Errorf("rope ranking %s applies to %s only, not %s", opts.Rank, MethodRoRoPE, method)
-		case s < 1 || s != math.Trunc(s):
-			return nil, fmt.Errorf("%s keeps one (head, frequency) pair per slot: its rope stride must be a whole number, not %v", method, s)
-		}
 		if err := b.partial(method); err != nil {
 			return nil, err
 		}
-	default:
-		return nil, fmt.Errorf("unknown rope method %q (known: %v)", method, Methods())
 	}
 	return b.finish(), nil
 }
