@@ -47,9 +47,10 @@ func padLatent(cfg Config, l *Layer) (*Layer, error) {
 		return l, nil
 	}
 	dc, n, dr, D := m.KVLoraRank, m.storedLatent(), m.QKRopeHeadDim, cfg.HiddenSize
-	ml := l.MLA
-	// The unpadded latent weights are rescaled (readScale), so a model
-	// that keeps its stored dtype holds these two in float32.
+	// Read through a copy: widening a layer that keeps its stored dtype
+	// must not change l.
+	src := *l.MLA
+	ml := &src
 	ml.KVA.W, ml.KVA.W16 = ml.KVA.Float32(), Bits16{}
 	ml.KVB.W, ml.KVB.W16 = ml.KVB.Float32(), Bits16{}
 	if len(ml.KVA.W) != (dc+dr)*D || len(ml.KVB.W)%dc != 0 {

@@ -167,3 +167,29 @@ func TestLatentPaddingKeepDType(t *testing.T) {
 		}
 	}
 }
+
+// Padding for export reads a 16-bit layer through a copy: the layer it
+// was given keeps its stored weights.
+func TestPadLatentLeavesTheLayer(t *testing.T) {
+	cfg := mlaConfig(true, rope.Scaling{})
+	dir := writeModel(t, randomMLA(cfg, 5), safetensors.BF16)
+	m, err := LoadWith(context.Background(), dir, LoadOptions{KeepDType: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &m.Layers[0]
+	if l.MLA.KVA.W16.Bits == nil || l.MLA.KVB.W16.Bits == nil {
+		t.Fatal("the kept layer's latent weights are not 16-bit: the test shows nothing")
+	}
+	before := *l.MLA
+	out, err := padLatent(padded(m.Config, 40), l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out == l || out.MLA == l.MLA {
+		t.Fatal("padLatent returned the layer itself")
+	}
+	if l.MLA.KVA.W != nil || l.MLA.KVB.W != nil || !slices.Equal(l.MLA.KVA.W16.Bits, before.KVA.W16.Bits) || !slices.Equal(l.MLA.KVB.W16.Bits, before.KVB.W16.Bits) {
+		t.Error("padLatent changed the layer it was given")
+	}
+}
