@@ -42,7 +42,7 @@ func Project(be Backend, x []float32, m int, ps ...Projection) {
 			be.Gemm(false, true, m, out, in, 1, x, in, p.W.f32, in, 0, p.Dst, out)
 		} else {
 			if !native {
-				g, threads = &Native{}, 1
+				g, threads = native16(be)
 			}
 			g.gemmMat(threads, m, x, in, p.W, true, p.Dst, out)
 		}
@@ -62,10 +62,7 @@ func MatMul(be Backend, m int, a []float32, lda int, w Mat, transW bool, c []flo
 		be.Gemm(false, transW, m, n, k, 1, a, lda, w.f32, w.cols, 0, c, ldc)
 		return
 	}
-	g, threads, native := nativeOf(be)
-	if !native {
-		g, threads = &Native{}, 1
-	}
+	g, threads := native16(be)
 	g.gemmMat(threads, m, a, lda, w, transW, c, ldc)
 }
 
@@ -88,6 +85,21 @@ func nativeOf(be Backend) (*Native, int, bool) {
 		return b.g, 1, true
 	}
 	return nil, 0, false
+}
+
+// native16 is the native backend that multiplies be's 16-bit weights,
+// and the threads it may use: be's own (Auto's, too), or for other
+// backends a new one on every core (whose packing buffers are then not
+// reused).
+func native16(be Backend) (*Native, int) {
+	if g, threads, ok := nativeOf(be); ok {
+		return g, threads
+	}
+	if a, ok := be.(*Auto); ok {
+		return a.native, a.native.threads()
+	}
+	g := &Native{}
+	return g, g.threads()
 }
 
 // gemv16 is one CPU's vector code for products with 16-bit weights: rows
