@@ -182,6 +182,8 @@ func gemvRows(kern *gemmKernel, w Mat, x, xp []float32, r0, r1 int, bias, y []fl
 	k := w.cols
 	y = y[:r1-r0]
 	switch s := simd16; {
+	case k == 0:
+		clear(y) // an empty product; the kernels assume k > 0
 	case w.dtype == RowF32:
 		gemvT(kern, r1-r0, k, 1, x, w.f32[r0*k:], k, true, y)
 	case s != nil && k >= s.block:

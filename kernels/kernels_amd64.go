@@ -316,7 +316,15 @@ func gemv16Kernels() []*gemv16 {
 
 // gemv16Arch runs the 16-bit kernel of level l for dtype dt (see gemv16).
 func gemv16Arch(l simdLevel, dt RowDType, rows, k int, x []float32, w []uint16, ldw int, y []float32) {
-	_, _ = w[(rows-1)*ldw+k-1], y[rows-1]
+	if rows == 0 {
+		return
+	}
+	// The kernels read x in whole blocks (prepareX16 pads it).
+	block := 16
+	if l == simdAVX512 {
+		block = 32
+	}
+	_, _, _ = w[(rows-1)*ldw+k-1], y[rows-1], x[(k+block-1)/block*block-1]
 	switch {
 	case l == simdAVX512 && dt == RowBF16:
 		gemvBF16AVX512(rows, k, &x[0], &w[0], ldw, &y[0])

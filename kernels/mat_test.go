@@ -281,3 +281,26 @@ func TestMatMulHeads(t *testing.T) {
 		}
 	})
 }
+
+// Empty products: a projection of no input columns is its bias (zeros
+// without one), in every dtype and for one row and several; a projection
+// of no rows writes nothing.
+func TestProjectEmpty(t *testing.T) {
+	bias := []float32{1, -2, 3}
+	for _, w := range []Mat{MatF32(3, 0, nil), Mat16(3, 0, RowBF16, nil), Mat16(3, 0, RowF16, nil)} {
+		for _, m := range []int{1, 2} {
+			dst := make([]float32, 3*m)
+			for i := range dst {
+				dst[i] = float32(math.NaN())
+			}
+			Project(NewNative(), nil, m, Projection{W: w, B: bias, Dst: dst})
+			for i, v := range dst {
+				if v != bias[i%3] {
+					t.Errorf("%v, %d rows: dst %v, want the bias %v per row", w.DType(), m, dst, bias)
+					break
+				}
+			}
+		}
+	}
+	Project(NewNative(), []float32{1, 2}, 1, Projection{W: Mat16(0, 2, RowBF16, nil), Dst: nil})
+}
