@@ -168,9 +168,12 @@ func (a RowAttention) attendBlock(be Backend, ws *rowWorkspace, q [][]float32, p
 	if s0 >= s1 {
 		return
 	}
-	// A few query rows (decoding) read 16-bit rows as they are, widening
-	// in the kernels; more rows pay for widening a page once.
-	direct := rows.dtype != RowF32 && nr <= smallRows && smallBlocks16SIMD()
+	// A few query rows, or the heads of one position (decoding, however
+	// many heads), read 16-bit rows as they are, widening in the kernels;
+	// more rows pay for widening a page once. (Decoding 32 MLA heads of
+	// 512 + 64 at 4096 positions measured 1.5–1.9× faster direct, with no
+	// allocation, than through the widened page and the general product.)
+	direct := rows.dtype != RowF32 && (nr <= smallRows || p1-p0 == 1) && smallBlocks16SIMD()
 	if !direct {
 		ws.page = grow(ws.page, rows.pageRows*w)
 	}

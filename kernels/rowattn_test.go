@@ -80,6 +80,9 @@ func TestRowAttentionMatchesNaive(t *testing.T) {
 		{"paged mla 6 heads", 1, 6, 96, 64, true, 1, 777, 0, 64, RowBF16},
 		{"paged mla 8 heads", 1, 8, 64, 32, true, 1, 250, 0, 128, RowBF16},
 		{"paged mla 2 positions of 5", 1, 5, 64, 32, true, 2, 133, 0, 16, RowBF16},
+		// More heads than smallRows at one position still read as stored.
+		{"paged mla 32 heads", 1, 32, 64, 32, true, 1, 300, 0, 64, RowBF16},
+		{"mla decode 20 heads f16", 1, 20, 40, 32, true, 1, 150, 0, 32, RowF16},
 	}
 	// One scratch for every case, so that its reuse across shapes is
 	// tested; each case also runs with a fresh one.
@@ -297,5 +300,26 @@ func TestRowsCopyFrom(t *testing.T) {
 		if err := tc.dst.CopyFrom(src); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("copy into width %d %v pages of %d: error %v, want one containing %q", tc.dst.width, tc.dst.dtype, tc.dst.pageRows, err, tc.want)
 		}
+	}
+}
+
+// A decode step of many heads (an 8B-sized MLA layer: 32 heads against
+// 512 + 64 latent rows, bf16) reads the cache as stored and allocates
+// nothing, as one of few heads does.
+func TestAttendDecodeManyHeadsAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts under the race detector mean nothing (sync.Pool drops items)")
+	}
+	a := RowAttention{KeyDim: 576, ValueDim: 512, PerPosition: 32, Scale: 0.05, KeyOffsets: []int{0}, ValueOffsets: []int{0}}
+	rng := rand.New(rand.NewPCG(3, 4))
+	const ctx = 700
+	rows := NewRows(576, DefaultPageRows, RowBF16)
+	rows.Write(0, randSlice(rng, ctx*576))
+	q := [][]float32{randSlice(rng, 32*576)}
+	out := [][]float32{make([]float32, 32*512)}
+	be, scratch := NewNative(), &AttendScratch{}
+	a.Attend(be, scratch, out, q, 1, ctx-1, rows) // grows the scratch
+	if allocs := testing.AllocsPerRun(20, func() { a.Attend(be, scratch, out, q, 1, ctx-1, rows) }); allocs != 0 {
+		t.Errorf("%v allocations per decode step", allocs)
 	}
 }
