@@ -58,12 +58,13 @@ var gemmCases = []gemmCase{
 	{13, 31, 29, 1, 1, 0},
 	{14, 32, 64, 0, 1, 0},     // exactly one AVX-512 tile
 	{15, 33, 65, 5, -1, 0.25}, // one past it
-	{29, 70, 300, 3, 1, 1},    // k over one cache block
+	{29, 70, 1300, 3, 1, 1},   // k over one cache block: two of 650
 	{64, 64, 64, 0, 0.125, 0},
 	{200, 48, 33, 7, 1, 0},     // split over rows
 	{40, 300, 257, 1, 2, -0.5}, // split over columns
 	{171, 2100, 40, 0, 1, 0},   // columns over one nc block
-	{350, 90, 520, 9, 1, 1},    // rows over one mc block, k over two kc blocks
+	{350, 90, 520, 9, 1, 1},    // rows over one mc block
+	{100, 40, 2100, 0, 1, 0.5}, // rows over one mc block, k in three kc blocks of 700
 }
 
 func TestGemm(t *testing.T) {
