@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 )
 
 // WriteFile writes data to path, according to what path is:
@@ -32,8 +34,9 @@ import (
 //     stream, so it lands where the stream's other output does.
 //
 // A directory, a socket or a loop of links is refused with an error
-// naming path; nothing is changed then. perm applies to a file created or
-// replaced. On error no temporary file is left behind.
+// naming path; nothing is changed then. A file created gets perm less the
+// umask; a file replaced keeps its permissions. On error no temporary file
+// is left behind.
 func WriteFile(path string, data []byte, perm os.FileMode) error {
 	if std := standardStream(path); std != nil {
 		if _, err := std.Write(data); err != nil {
@@ -46,10 +49,14 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	switch mode := modeOf(info); {
-	case info == nil || mode.IsRegular():
-		return replace(path, target, data, perm)
+	case info == nil:
+		return replace(path, target, data, perm, false)
+	case mode.IsRegular():
+		// A replaced file keeps its permissions (a private file stays
+		// private).
+		return replace(path, target, data, mode.Perm(), true)
 	case isStream(mode):
-		return writeStream(path, target, data, perm)
+		return writeStream(path, target, data)
 	default:
 		return notWritable(path, target, info)
 	}
@@ -81,9 +88,10 @@ func standardStream(path string) *os.File {
 }
 
 // replace writes data to a temporary file beside target, syncs it and
-// renames it over target.
-func replace(path, target string, data []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(target), "."+filepath.Base(target)+".tmp*")
+// renames it over target. The file gets perm as a new file does, less the
+// umask, or exactly perm when exact (a replaced file's own).
+func replace(path, target string, data []byte, perm os.FileMode, exact bool) error {
+	f, err := createTemp(filepath.Dir(target), "."+filepath.Base(target)+".tmp", perm)
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -95,7 +103,7 @@ func replace(path, target string, data []byte, perm os.FileMode) error {
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
+	if err == nil && exact {
 		err = os.Chmod(tmp, perm)
 	}
 	if err == nil {
@@ -108,8 +116,22 @@ func replace(path, target string, data []byte, perm os.FileMode) error {
 	return nil
 }
 
+// createTemp creates a new file prefix+random in dir with mode perm
+// (less the umask, which the system applies to a file it creates, unlike
+// to a later chmod).
+func createTemp(dir, prefix string, perm os.FileMode) (*os.File, error) {
+	for range 100 {
+		name := filepath.Join(dir, prefix+strconv.FormatUint(rand.Uint64(), 36))
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, perm)
+		if !errors.Is(err, fs.ErrExist) {
+			return f, err
+		}
+	}
+	return nil, fmt.Errorf("no unused temporary name %s* in %s", prefix, dir)
+}
+
 // writeStream writes data to the device or named pipe target as it is.
-func writeStream(path, target string, data []byte, perm os.FileMode) error {
+func writeStream(path, target string, data []byte) error {
 	// Neither O_CREATE nor O_TRUNC: the entry exists, and truncating
 	// means nothing to a stream.
 	f, err := os.OpenFile(target, os.O_WRONLY, 0)
@@ -121,7 +143,7 @@ func writeStream(path, target string, data []byte, perm os.FileMode) error {
 	if fi, err := f.Stat(); err == nil && !isStream(fi.Mode()) {
 		f.Close()
 		if fi.Mode().IsRegular() {
-			return replace(path, target, data, perm)
+			return replace(path, target, data, fi.Mode().Perm(), true)
 		}
 		return notWritable(path, target, fi)
 	}

@@ -525,3 +525,31 @@ func TestInside(t *testing.T) {
 		}
 	}
 }
+
+// A replaced file keeps its permissions (a private file stays private); a
+// new file gets perm less the umask, as a file the shell creates does.
+func TestWriteFilePermissions(t *testing.T) {
+	dir := t.TempDir()
+	private := filepath.Join(dir, "private.json")
+	if err := os.WriteFile(private, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(private, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFile(private, []byte("new"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(private); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("replaced file: mode %v (%v), want 0600 kept", fi.Mode().Perm(), err)
+	}
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	fresh := filepath.Join(dir, "fresh.json")
+	if err := WriteFile(fresh, []byte("new"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(fresh); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("new file under umask 077: mode %v (%v), want 0600", fi.Mode().Perm(), err)
+	}
+}
