@@ -35,8 +35,8 @@ func Parallel(threads, n int, t Task) {
 		}
 		return
 	}
+	defer workers.mu.Unlock()
 	workers.run(threads, n, t)
-	workers.mu.Unlock()
 }
 
 // TaskFunc adapts a function to a Task. A closure costs an allocation per
@@ -108,6 +108,9 @@ func (p *pool) run(threads, n int, t Task) {
 			}
 		}
 	}
+	// Deferred, so that a task panicking on the caller still leaves the
+	// pool closed, its helpers out and the lock free for the next call.
+	defer p.finish()
 	for {
 		i := int(p.next.Add(1) - 1)
 		if i >= n {
@@ -115,8 +118,12 @@ func (p *pool) run(threads, n int, t Task) {
 		}
 		t.Run(0, i)
 	}
-	// Every item is taken: helpers that have not joined yet must not
-	// (they would read the next call's fields), and those inside finish.
+}
+
+// finish ends the running call once every item is taken or the caller's
+// task panicked: helpers that have not joined yet must not (they would
+// read the next call's fields), and those inside finish their items.
+func (p *pool) finish() {
 	p.open.Store(false)
 	var start time.Time
 	for spins := 0; p.active.Load() != 0; spins++ {

@@ -105,3 +105,36 @@ func BenchmarkParallelCall(b *testing.B) {
 		Parallel(0, 2, task)
 	}
 }
+
+// A task that panics on the caller's goroutine leaves the pool usable:
+// once the panic is recovered, the call is closed, its helpers out and the
+// next call runs on the pool again, not serially for ever.
+func TestParallelRecoversFromAPanickingTask(t *testing.T) {
+	if runtime.GOMAXPROCS(0) < 2 {
+		t.Skip("the pool needs two cores")
+	}
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Fatal("the panic was lost")
+			}
+		}()
+		Parallel(2, 64, TaskFunc(func(w, i int) {
+			if w == 0 {
+				panic("task failed")
+			}
+		}))
+	}()
+	if !workers.mu.TryLock() {
+		t.Fatal("the pool is still locked after the panic: every later call would run serially")
+	}
+	workers.mu.Unlock()
+	if workers.open.Load() || workers.active.Load() != 0 {
+		t.Fatal("the panicked call is still open")
+	}
+	var ran atomic.Int64
+	Parallel(2, 100, TaskFunc(func(_, _ int) { ran.Add(1) }))
+	if ran.Load() != 100 {
+		t.Fatalf("the next call ran %d of 100 items", ran.Load())
+	}
+}
