@@ -1,6 +1,7 @@
 package convert
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -201,6 +202,7 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 	for bi, n := range job.Budgets {
 		cands := SearchSettings(cfg, n, job.Base)
 		searched := len(cands)
+		refusal := ""
 		for _, dr := range job.RopeDims {
 			b := job.Base
 			b.RopeDim = dr
@@ -214,8 +216,9 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			dc := min(n-o.RopeDim, LosslessRank(cfg, o.RopeDim))
 			shaped := o
 			shaped.Rank = dc
-			if shaped.validateTarget(cfg) != nil {
-				continue // a shape Base.Target cannot load
+			if err := shaped.validateTarget(cfg); err != nil {
+				refusal = cmp.Or(refusal, err.Error())
+				continue // a shape Base.Target (or Base.PadLatent) cannot take
 			}
 			i := slices.IndexFunc(settings, func(s Options) bool { return sameRoPE(s, o) })
 			if i < 0 {
@@ -226,9 +229,12 @@ func Search(ctx context.Context, job SearchJob) (*SearchResult, error) {
 			perBudget[bi] = append(perBudget[bi], shape{i, dc, ci >= searched})
 		}
 		if len(perBudget[bi]) == 0 {
-			why := fmt.Sprintf("fits (the latent needs at least %d values, and the RoPE key at least 2)", minSearchRank)
+			why := fmt.Sprintf("fits (the latent needs at least max(%d, a quarter of the budget) values, and the RoPE key at least a quarter of head_dim %d)", minSearchRank, cfg.HeadDim)
 			if t, ok := LookupTarget(job.Base.Target); ok {
 				why = fmt.Sprintf("makes a shape that --target %s (%s) loads: %s", t.Name, t.Engine, t.shapes())
+			}
+			if refusal != "" {
+				why += "; the first split tried was refused: " + refusal
 			}
 			return nil, &BudgetError{Cache: n, Why: why}
 		}

@@ -53,7 +53,7 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
 			&cli.StringFlag{Name: "cache", Usage: "KV cache per token and layer, d_c + d_r, in values (e.g. 256) or % of the source's (e.g. 50%): search the best split on the calibration text (needs --calib)"},
 			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows the candidates are scored on (long-context models: the context they serve)", DefaultText: "min(1024, max_position_embeddings)"},
-			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (instead of --cache); at most 2·n_kv·head_dim − rope-dim"},
+			&cli.IntFlag{Name: "dc", Usage: "latent width kv_lora_rank (instead of --cache); at most 2·n_kv·head_dim − rope-dim", DefaultText: "none: give --dc or --cache"},
 			&cli.IntFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim, even (fixes it in a --cache search)", DefaultText: "64, or the largest even divisor of head_dim below it"},
 			&cli.StringFlag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N: head_dim/rope-dim spreads the slots over all frequencies, 1 packs them on the fastest, 1/2 or 1/4 gives those two or four slots (rope_theta is set to match)", DefaultText: "head_dim/rope-dim"},
 			&cli.StringFlag{Name: "rope-rank", Usage: "rorope: rank components by the score variance they carry (score: key energy seen through the queries) or by key energy (key, TransMLA's); auto is score when calibrated, key when data-free", Value: "auto"},
@@ -126,11 +126,11 @@ directory appears only when complete; MODEL is never modified.`,
 			if err != nil {
 				return err
 			}
+			if err := checkSearchCtx(c, cfg, search); err != nil {
+				return err
+			}
 			if search {
 				return searchConvert(c, dir, cfg, opts, cal, be)
-			}
-			if c.IsSet("search-ctx") {
-				return usagef("--search-ctx sizes the held-out windows of a --cache search; a conversion with --dc has none")
 			}
 			if err := opts.Validate(cfg); err != nil {
 				return usageError{err}
@@ -232,13 +232,24 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	if err != nil {
 		return err
 	}
+	// The options that do not depend on the split are checked once, on
+	// a shape that fits, so that a bad one is named as such rather than
+	// as a budget that nothing fits.
+	probe := base
+	probe.Target, probe.PadLatent = "", 0
+	probe.Rank = max(1, min(budget-probe.RopeDim, convert.LosslessRank(cfg, probe.RopeDim)))
+	if err := probe.Validate(cfg); err != nil {
+		return usageError{err}
+	}
+	if t := base.Target; t != "" && t != convert.TargetAny {
+		if _, ok := convert.LookupTarget(t); !ok {
+			return usagef("--target %q is not one of %v", t, convert.TargetNames())
+		}
+	}
 	if !c.IsSet("rope-dim") {
 		base.RopeDim = 0
 	}
 	job := convert.SearchJob{Source: dir, Budgets: []int{budget}, Base: base, DType: c.String("dtype"), Calibration: cal, Backend: be, Version: version, Ctx: c.Int("search-ctx")}
-	if c.IsSet("search-ctx") && (job.Ctx < 2 || (cfg.MaxPositionEmbeddings > 0 && job.Ctx > cfg.MaxPositionEmbeddings)) {
-		return usagef("--search-ctx %d must be in [2, max_position_embeddings %d]", job.Ctx, cfg.MaxPositionEmbeddings)
-	}
 	// The output is checked before the search, not only when the result
 	// is written minutes later.
 	output, force := c.String("output"), c.Bool("force")

@@ -50,6 +50,21 @@ func parseRopeStride(s string) (float64, error) {
 	return v, nil
 }
 
+// checkSearchCtx refuses a --search-ctx without a --cache search (search
+// false), or outside [2, max_position_embeddings].
+func checkSearchCtx(c *cli.Context, cfg model.Config, search bool) error {
+	if !c.IsSet("search-ctx") {
+		return nil
+	}
+	if !search {
+		return usagef("--search-ctx sizes the held-out windows of a --cache search; with --dc there is none")
+	}
+	if n := c.Int("search-ctx"); n < 2 || (cfg.MaxPositionEmbeddings > 0 && n > cfg.MaxPositionEmbeddings) {
+		return usagef("--search-ctx %d must be in [2, max_position_embeddings %d]", n, cfg.MaxPositionEmbeddings)
+	}
+	return nil
+}
+
 // checkDType refuses a --dtype that the export cannot write.
 func checkDType(c *cli.Context) error {
 	if d := c.String("dtype"); d != "" && !slices.Contains([]string{"bf16", "f16", "f32"}, d) {

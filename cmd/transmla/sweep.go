@@ -46,8 +46,8 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			&cli.StringFlag{Name: "method", Usage: "comma-separated methods, each ROPE-SELECT+WEIGHTING (either part alone keeps the other's default): rope-select " + strings.Join(rope.Methods(), ", ") + "; weighting " + strings.Join(convert.Weightings(), ", "), Value: rope.MethodRoRoPE + "+" + convert.WeightAttention},
 			&cli.StringFlag{Name: "rope-dim", Usage: "decoupled RoPE key width qk_rope_head_dim; with --cache, a comma-separated list of d_r series", DefaultText: "64, or the largest even divisor of head_dim below it"},
 			&cli.StringFlag{Name: "rope-stride", Usage: "RoPE slot i rotates at source frequency i·N (see convert --help; not with --cache)", DefaultText: "head_dim/rope-dim"},
-			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, or auto", Value: "auto"},
-			&cli.Float64Flag{Name: "nope-span", Usage: "damp each de-rotated key component by its mean cos(ωΔ) over distances 0..N (0 = off)", Value: convert.DefaultNopeSpan},
+			&cli.StringFlag{Name: "freqfold", Usage: "rorope: adjacent frequencies rotated together, a multiple of the stride, or auto (see convert --help; not with --cache)", Value: "auto"},
+			&cli.Float64Flag{Name: "nope-span", Usage: "data-free: read each de-rotated key through its mean lost rotation over distances 0..N (0 = off); calibrated sweeps measure the distances", Value: convert.DefaultNopeSpan},
 			&cli.Float64Flag{Name: "value-weight", Usage: "attention weighting: weight of value error relative to key error", Value: 1},
 			&cli.StringFlag{Name: "calib", Usage: "calibration text file (activation-aware factorization)"},
 			&cli.IntFlag{Name: "calib-tokens", Usage: "calibration tokens run through the model", Value: 32768},
@@ -95,6 +95,9 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			}
 			dir, cfg, err := gqaSource(c)
 			if err != nil {
+				return err
+			}
+			if err := checkSearchCtx(c, cfg, budgets); err != nil {
 				return err
 			}
 			if max := cfg.MaxPositionEmbeddings; max > 0 && c.Int("ctx") > max {

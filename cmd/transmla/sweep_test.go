@@ -80,6 +80,10 @@ func TestSweepUsageErrors(t *testing.T) {
 		{[]string{"--cache", "64", "--calib", data, "--freqfold", "2"}, "searches the RoPE slots"},
 		{[]string{"--cache", "64", "--calib", data, "--method", "2norm"}, "not rorope"},
 		{[]string{"--cache", "64", "--calib", data, "--rope-dim", "16,x"}, "--rope-dim"},
+		{[]string{"--dc", "16", "--search-ctx", "64"}, "--search-ctx sizes"},
+		{[]string{"--cache", "64", "--calib", data, "--search-ctx", "4096"}, "--search-ctx 4096 must be in [2, max_position_embeddings 2048]"},
+		{[]string{"--cache", "64", "--calib", data, "--search-ctx", "-3"}, "--search-ctx -3"},
+		{[]string{"--cache", "6", "--calib", data}, "no split of a cache of 6 values"},
 	} {
 		_, stderr, code := run(t, append(base, tc.args...)...)
 		if code != 2 || !strings.Contains(stderr, tc.want) {
