@@ -34,9 +34,10 @@ CGO_ENABLED=0 go build -C "$root" -o "$new" ./cmd/transmla
 old="$work/transmla-$old_ref"
 if [ ! -x "$old" ]; then
   src=$(mktemp -d)
+  # The worktree goes even when the build fails.
+  trap 'git -C "$root" worktree remove --force "$src/tree" 2>/dev/null; rm -rf "$src"' EXIT
   git -C "$root" worktree add --detach "$src/tree" "$old_ref" >/dev/null
   CGO_ENABLED=0 go build -C "$src/tree" -o "$old" ./cmd/transmla
-  git -C "$root" worktree remove --force "$src/tree"
 fi
 
 name=$(basename "$model")

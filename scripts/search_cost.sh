@@ -24,7 +24,12 @@ one() { # name, convert flags...
 	local name=$1 start end
 	shift
 	start=$(date +%s.%N)
-	"$work/transmla" convert "$model" --calib "$calib" -o "$work/out-$name" --force "$@" >/dev/null 2>&1
+	# Progress and notes to a log, shown if the conversion fails.
+	if ! "$work/transmla" convert "$model" --calib "$calib" -o "$work/out-$name" --force "$@" >/dev/null 2>"$work/stderr.log"; then
+		echo "failed: convert $model --calib $calib $*" >&2
+		cat "$work/stderr.log" >&2
+		exit 1
+	fi
 	end=$(date +%s.%N)
 	printf '%s\t%s\n' "$name" "$(echo "$end - $start" | bc)" >>"$runs"
 }

@@ -63,6 +63,8 @@ def ppl(args):
     windows = len(ids) // args.ctx
     if args.max_windows:
         windows = min(windows, args.max_windows)
+    if windows == 0:
+        sys.exit(f"hf.py ppl: {args.data} has {len(ids)} tokens, fewer than one window of --ctx {args.ctx}")
     total, count, start = 0.0, 0, time.perf_counter()
     for w in range(windows):
         x = torch.tensor([ids[w * args.ctx:(w + 1) * args.ctx]])

@@ -29,9 +29,17 @@ venv="$root/interop-$name-$hash"
 marker="$venv/.transmla-complete"
 python=${TRANSMLA_INTEROP_BASE_PYTHON:-python3}
 
-if [ -f "$marker" ]; then
+# A venv whose interpreter went away (the base python upgraded) is rebuilt.
+if [ -f "$marker" ] && "$venv/bin/python" -c '' 2>/dev/null; then
   echo "interop harness ($name): reusing $venv" >&2
 else
+  # The locks pin CPython 3.11 wheels (one hash per package).
+  pyver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || {
+    echo "interop harness: cannot run $python; set TRANSMLA_INTEROP_BASE_PYTHON to a python3.11" >&2; exit 1; }
+  if [ "$pyver" != 3.11 ]; then
+    echo "interop harness: the locks pin CPython 3.11 wheels, but $python is $pyver; set TRANSMLA_INTEROP_BASE_PYTHON to a python3.11" >&2
+    exit 1
+  fi
   start=$(date +%s)
   echo "interop harness ($name): installing into $venv (lock $lock)" >&2
   rm -rf "$venv"
