@@ -46,6 +46,16 @@ else
 	trap 'rm -rf "$work"' EXIT
 fi
 
+# quietly CMD...: CMD with its stderr (progress bars) in a log, shown
+# if it fails, since set -e would end the script without a word.
+quietly() {
+	if ! "$@" 2>"$work/stderr.log"; then
+		echo "failed: $*" >&2
+		cat "$work/stderr.log" >&2
+		exit 1
+	fi
+}
+
 echo "== building before ($ref) and after (working tree of $root)"
 rm -rf "$work/before-src"
 mkdir -p "$work/before-src"
@@ -94,7 +104,7 @@ for r in $(seq "$rounds"); do
 			c=$ctx_after
 			[[ $b == before ]] && c=$ctx_before
 			j=$work/bench-r$r-$name-$b.json
-			"$work/$b" bench "$m" --ctx "$c" --cache-dtype bf16 --decode-tokens "$steps" --json >"$j" 2>/dev/null
+			quietly "$work/$b" bench "$m" --ctx "$c" --cache-dtype bf16 --decode-tokens "$steps" --json >"$j"
 			python3 - "$j" "$r" "$name" "$b" >>"$runs" <<'EOF'
 import json, sys
 j, r, name, b = sys.argv[1:]
@@ -107,7 +117,7 @@ EOF
 	done
 	for b in $order; do
 		j=$work/pair-r$r-$b.json
-		"$work/$b" bench "$source_model" "$converted" --ctx 4096 --cache-dtype bf16 --decode-tokens "$steps" --json >"$j" 2>/dev/null
+		quietly "$work/$b" bench "$source_model" "$converted" --ctx 4096 --cache-dtype bf16 --decode-tokens "$steps" --json >"$j"
 		s=$(python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["ratios"][0]["decode_speedup"])' "$j")
 		printf 'speedup\t%s\t4096\t%s\t%s\t%s\n' "$(basename "$converted")" "$b" "$r" "$s" >>"$runs"
 		echo "  bench  $(basename "$converted") over $(basename "$source_model") at depth 4096, $b: decode ×$s"
@@ -117,7 +127,7 @@ EOF
 			name=$(basename "$m")
 			for b in $order; do
 				j=$work/eval-r$r-$name-$b.json
-				"$work/$b" eval "$m" --data "$data" --max-windows "$windows" --json >"$j" 2>/dev/null
+				quietly "$work/$b" eval "$m" --data "$data" --max-windows "$windows" --json >"$j"
 				python3 - "$j" "$r" "$name" "$b" >>"$runs" <<'EOF'
 import json, sys
 j, r, name, b = sys.argv[1:]
