@@ -233,6 +233,13 @@ func (r *Runner) forward(ctx context.Context, s *scratch, caches []*KVCache, tok
 		s.segs = make([]segment, len(tokens))
 	}
 	segs := s.segs[:len(tokens)]
+	// The pooled scratch must not keep the caches alive after the call,
+	// whether it ends in an error or not.
+	defer func() {
+		for i := range segs {
+			segs[i].rows = nil
+		}
+	}()
 	all := s.all[:0]
 	for i, t := range tokens {
 		c := caches[i]
@@ -282,7 +289,6 @@ func (r *Runner) forward(ctx context.Context, s *scratch, caches []*KVCache, tok
 	row := 0
 	for i, sg := range segs {
 		caches[i].len = sg.past + sg.n
-		segs[i].rows = nil
 		hidden, rows := x[row*D:(row+sg.n)*D], sg.n
 		if !allLogits {
 			hidden, rows = hidden[(sg.n-1)*D:], 1
