@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/transmla/transmla/internal/desttest"
 	"github.com/transmla/transmla/rope"
 	"github.com/transmla/transmla/safetensors"
 )
@@ -132,24 +133,11 @@ func TestRunFailedWriteLeavesOutputAsItWas(t *testing.T) {
 					if previous {
 						want = []string{"out"}
 					}
-					if got := dirNames(t, parent); !slices.Equal(got, want) {
+					if got := desttest.DirNames(t, parent); !slices.Equal(got, want) {
 						t.Errorf("%s holds %v, want %v", parent, got, want)
 					}
 				})
 			}
 		}
 	}
-}
-
-func dirNames(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
 }

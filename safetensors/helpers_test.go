@@ -5,7 +5,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -49,21 +48,6 @@ func checkMalformed(t *testing.T, c *Checkpoint, err error, wants ...string) str
 		}
 	}
 	return msg
-}
-
-// dirEntries lists the names in dir, sorted.
-func dirEntries(t testing.TB, dir string) []string {
-	t.Helper()
-	es, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range es {
-		names = append(names, e.Name())
-	}
-	slices.Sort(names)
-	return names
 }
 
 // bothPaths runs f once with memory mapping and once with the ReadAt path

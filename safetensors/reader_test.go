@@ -14,6 +14,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/transmla/transmla/internal/desttest"
 )
 
 // testTensor is a tensor of a round-trip test with its expected decoding.
@@ -144,7 +146,7 @@ func TestRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := dirEntries(t, dir); !slices.Equal(got, tc.files) {
+			if got := desttest.DirNames(t, dir); !slices.Equal(got, tc.files) {
 				t.Fatalf("files %v, want %v", got, tc.files)
 			}
 			bothPaths(t, func(t *testing.T, open func(string) (*Checkpoint, error)) {

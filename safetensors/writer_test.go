@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	st "github.com/nlpodyssey/safetensors"
+	"github.com/transmla/transmla/internal/desttest"
 )
 
 // TestHeaderLayout checks the bytes of a written file against the format:
@@ -89,7 +90,7 @@ func TestShardedLayout(t *testing.T) {
 		"pytorch-00003-of-00004.safetensors", "pytorch-00004-of-00004.safetensors",
 		"pytorch.safetensors.index.json",
 	}
-	if got := dirEntries(t, dir); !slices.Equal(got, want) {
+	if got := desttest.DirNames(t, dir); !slices.Equal(got, want) {
 		t.Fatalf("files %v, want %v", got, want)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "pytorch.safetensors.index.json"))
@@ -185,7 +186,7 @@ func TestWriteFailures(t *testing.T) {
 					t.Errorf("error %q does not mention %q", err, w)
 				}
 			}
-			if left := dirEntries(t, dir); len(left) != 0 {
+			if left := desttest.DirNames(t, dir); len(left) != 0 {
 				t.Errorf("files left behind: %v", left)
 			}
 		})
@@ -219,7 +220,7 @@ func TestWriteCancel(t *testing.T) {
 	if called {
 		t.Error("Write of the tensor after cancellation was called")
 	}
-	if left := dirEntries(t, dir); len(left) != 0 {
+	if left := desttest.DirNames(t, dir); len(left) != 0 {
 		t.Errorf("files left behind: %v", left)
 	}
 }
@@ -267,7 +268,7 @@ func TestOverwrite(t *testing.T) {
 	if got, err := c.Float32("w"); err != nil || got[0] != 2 {
 		t.Errorf("Float32(w) = %v, %v", got, err)
 	}
-	if left := dirEntries(t, dir); len(left) != 1 {
+	if left := desttest.DirNames(t, dir); len(left) != 1 {
 		t.Errorf("files %v", left)
 	}
 }
@@ -285,7 +286,7 @@ func TestStaleIndex(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors"}
-	if got := dirEntries(t, dir); !slices.Equal(got, want) {
+	if got := desttest.DirNames(t, dir); !slices.Equal(got, want) {
 		t.Errorf("files %v, want %v", got, want)
 	}
 	c, err := Open(dir)
