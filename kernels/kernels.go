@@ -18,6 +18,7 @@ import (
 	"math"
 	"runtime"
 
+	"github.com/transmla/transmla/internal/gemm"
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/gonum"
 )
@@ -84,19 +85,7 @@ func rmsNormRows(dst, x, weight []float32, eps float32) {
 		if rmsNormSIMD(out, row, weight, eps) {
 			continue
 		}
-		// Four partial sums, as the vector code keeps several.
-		var s0, s1, s2, s3 float32
-		i := 0
-		for ; i+4 <= dim; i += 4 {
-			s0 += row[i] * row[i]
-			s1 += row[i+1] * row[i+1]
-			s2 += row[i+2] * row[i+2]
-			s3 += row[i+3] * row[i+3]
-		}
-		for ; i < dim; i++ {
-			s0 += row[i] * row[i]
-		}
-		inv := rmsInv((s0+s1)+(s2+s3), dim, eps)
+		inv := rmsInv(gemm.DotGo(row, row), dim, eps)
 		for i, v := range row {
 			out[i] = weight[i] * (v * inv)
 		}

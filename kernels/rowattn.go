@@ -3,6 +3,8 @@ package kernels
 import (
 	"math"
 	"runtime"
+
+	"github.com/transmla/transmla/internal/gemm"
 )
 
 // RowAttention is causal attention of query rows against the rows of a KV
@@ -283,7 +285,7 @@ func scoresRows(be Backend, rn, nt, dk int, alpha float32, q, keys []float32, w 
 		// allocated per decode step).
 		for r := range rn {
 			for j := range nt {
-				s[r*nt+j] = alpha * dotGo(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk])
+				s[r*nt+j] = alpha * gemm.DotGo(q[r*dk:(r+1)*dk], keys[j*w:j*w+dk])
 			}
 		}
 		return
@@ -335,23 +337,6 @@ func weightedSumRows(be Backend, rn, nt, dv int, s, values []float32, w int, o [
 			}
 		}
 	}
-}
-
-// dotGo is Σ x[i]·y[i] with four partial sums, the portable dot product.
-func dotGo(x, y []float32) float32 {
-	y = y[:len(x)]
-	var s0, s1, s2, s3 float32
-	i := 0
-	for ; i+4 <= len(x); i += 4 {
-		s0 += x[i] * y[i]
-		s1 += x[i+1] * y[i+1]
-		s2 += x[i+2] * y[i+2]
-		s3 += x[i+3] * y[i+3]
-	}
-	for ; i < len(x); i++ {
-		s0 += x[i] * y[i]
-	}
-	return (s0 + s1) + (s2 + s3)
 }
 
 // offset is s[i:], or nil for an empty s.

@@ -164,25 +164,30 @@ func InterleaveGo[T Float](kc int, src []T, ld, rows int, dst []T, dstStride int
 	}
 }
 
-// Dot4Go writes out[r] = Σ_{p<k} x[p]·b[r·ldb+p] for r < 4 with four
-// partial sums per row, as vector code keeps several, and returns k: the
-// portable form of the drivers' dot4 helpers.
+// DotGo is Σ x[i]·y[i] with four partial sums, as vector code keeps
+// several (the tail goes to the first): the portable dot product of both
+// drivers.
+func DotGo[T Float](x, y []T) T {
+	y = y[:len(x)]
+	var s0, s1, s2, s3 T
+	i := 0
+	for ; i+4 <= len(x); i += 4 {
+		s0 += x[i] * y[i]
+		s1 += x[i+1] * y[i+1]
+		s2 += x[i+2] * y[i+2]
+		s3 += x[i+3] * y[i+3]
+	}
+	for ; i < len(x); i++ {
+		s0 += x[i] * y[i]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+// Dot4Go writes out[r] = DotGo(x[:k], b[r·ldb:r·ldb+k]) for r < 4 and
+// returns k: the portable form of the drivers' dot4 helpers.
 func Dot4Go[T Float](k int, x, b []T, ldb int, out *[4]T) int {
-	x = x[:k]
 	for r := range 4 {
-		row := b[r*ldb : r*ldb+k]
-		var s0, s1, s2, s3 T
-		i := 0
-		for ; i+4 <= k; i += 4 {
-			s0 += x[i] * row[i]
-			s1 += x[i+1] * row[i+1]
-			s2 += x[i+2] * row[i+2]
-			s3 += x[i+3] * row[i+3]
-		}
-		for ; i < k; i++ {
-			s0 += x[i] * row[i]
-		}
-		out[r] = (s0 + s1) + (s2 + s3)
+		out[r] = DotGo(x[:k], b[r*ldb:r*ldb+k])
 	}
 	return k
 }
