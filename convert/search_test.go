@@ -142,6 +142,18 @@ func TestSearchPicksAndWritesTheBest(t *testing.T) {
 	}
 }
 
+// smallSearch is a search of the synthetic checkpoint at budget on 512
+// calibration tokens, scored on 2 held-out windows of 64, d_r searched.
+func smallSearch(t *testing.T, budget int) SearchJob {
+	job := SearchJob{
+		Source: synthtest.Checkpoint(t, model.DefaultSynthetic()), Budgets: []int{budget}, Base: DefaultOptions(model.Config{}, 0),
+		Calibration: &Calibration{File: calibText(t), Tokens: 512, SeqLen: 64, Seed: 1},
+		Windows:     2, Ctx: 64, Backend: kernels.NewNative(), Version: "test",
+	}
+	job.Base.RopeDim = 0
+	return job
+}
+
 // The candidates that only a fixed-d_r series brings in (here d_r 32,
 // whose latent would get less than a quarter of the budget) never become
 // the budget's best: with or without the series, the search chooses what
@@ -150,13 +162,7 @@ func TestSearchBestIgnoresSeriesCandidates(t *testing.T) {
 	if testing.Short() {
 		t.Skip("converts and scores candidates (-short)")
 	}
-	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
-	job := SearchJob{
-		Source: src, Budgets: []int{40}, Base: DefaultOptions(model.Config{}, 0),
-		Calibration: &Calibration{File: calibText(t), Tokens: 512, SeqLen: 64, Seed: 1},
-		Windows:     2, Ctx: 64, Backend: kernels.NewNative(), Version: "test",
-	}
-	job.Base.RopeDim = 0
+	job := smallSearch(t, 40)
 	plain, err := Search(context.Background(), job)
 	if err != nil {
 		t.Fatal(err)
@@ -193,13 +199,7 @@ func TestSearchKeepsToTheTarget(t *testing.T) {
 	if testing.Short() {
 		t.Skip("converts and scores candidates (-short)")
 	}
-	src := synthtest.Checkpoint(t, model.DefaultSynthetic())
-	job := SearchJob{
-		Source: src, Budgets: []int{96}, Base: DefaultOptions(model.Config{}, 0),
-		Calibration: &Calibration{File: calibText(t), Tokens: 512, SeqLen: 64, Seed: 1},
-		Windows:     2, Ctx: 64, Backend: kernels.NewNative(), Version: "test",
-	}
-	job.Base.RopeDim = 0
+	job := smallSearch(t, 96)
 	// vLLM's CPU ordinary-attention backend takes head sizes 32, 64, 80,
 	// ...: with head_dim 32 only d_r 32 (and 64) make qk_nope + d_r one.
 	job.Base.Target = "vllm-cpu-mha"

@@ -241,23 +241,34 @@ func TestWidenBF16MatchesScalar(t *testing.T) {
 	}
 }
 
+// BenchmarkRowAttentionDecode times one decode step of an MLA layer: 6
+// heads of 192 + 64 (llama-gqa-25m at d_c 192) and 32 heads of 512 + 64
+// (an 8B-sized conversion).
 func BenchmarkRowAttentionDecode(b *testing.B) {
-	for _, ctx := range []int{4096, 16384} {
-		for _, dt := range []RowDType{RowBF16, RowF32} {
-			b.Run(fmt.Sprintf("mla_ctx%d_%s", ctx, dt), func(b *testing.B) {
-				a := RowAttention{KeyDim: 256, ValueDim: 192, PerPosition: 6, Scale: 0.1, KeyOffsets: []int{0}, ValueOffsets: []int{0}}
-				rows := NewRows(256, DefaultPageRows, dt)
-				rows.Write(0, make([]float32, ctx*256))
-				q := [][]float32{make([]float32, 6*256)}
-				out := [][]float32{make([]float32, 6*192)}
-				be, scratch := NewNative(), &AttendScratch{}
-				b.SetBytes(rows.BytesAllocated())
-				for b.Loop() {
-					a.Attend(be, scratch, out, q, 1, ctx-1, rows)
-				}
-			})
+	for _, sh := range []struct{ heads, dc, dr int }{{6, 192, 64}, {32, 512, 64}} {
+		for _, ctx := range []int{4096, 16384} {
+			for _, dt := range []RowDType{RowBF16, RowF32} {
+				benchDecodeStep(b, sh.heads, sh.dc, sh.dr, ctx, dt)
+			}
 		}
 	}
+}
+
+func benchDecodeStep(b *testing.B, heads, dc, dr, ctx int, dt RowDType) {
+	dk := dc + dr
+	b.Run(fmt.Sprintf("mla_h%d_%d+%d_ctx%d_%s", heads, dc, dr, ctx, dt), func(b *testing.B) {
+		a := RowAttention{KeyDim: dk, ValueDim: dc, PerPosition: heads, Scale: 0.1, KeyOffsets: []int{0}, ValueOffsets: []int{0}}
+		rows := NewRows(dk, DefaultPageRows, dt)
+		rows.Write(0, make([]float32, ctx*dk))
+		q := [][]float32{make([]float32, heads*dk)}
+		out := [][]float32{make([]float32, heads*dc)}
+		be, scratch := NewNative(), &AttendScratch{}
+		b.SetBytes(rows.BytesAllocated())
+		b.ReportAllocs()
+		for b.Loop() {
+			a.Attend(be, scratch, out, q, 1, ctx-1, rows)
+		}
+	})
 }
 
 // CopyFrom gives a store the source's rows, over several pages and over a
