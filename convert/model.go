@@ -15,6 +15,8 @@ type LayerReport struct {
 	// Retained is the fraction of the (weighted) K_nope/V energy that the
 	// latent keeps.
 	Retained float64 `json:"retained"`
+	// Refine reports the layer's refinement, if any.
+	Refine *RefineReport `json:"refine,omitempty"`
 }
 
 // ConvertLayer rewrites a GQA layer as MLA. stats are the layer's

@@ -361,15 +361,16 @@ func (p *Plan) Model(method, rank int) (*model.Model, []LayerReport, error) {
 // Write writes the converted checkpoint of method at latent width rank to
 // dir through Run, so it is what convert writes with these options,
 // except that the latent is the plan's truncated factorization. progress,
-// when not nil, is told of each layer written.
-func (p *Plan) Write(ctx context.Context, method, rank int, dir string, force bool, progress func(Event)) (*Summary, error) {
+// when not nil, is told of each layer written. refine, when not nil,
+// refines each layer as Job.Refine does.
+func (p *Plan) Write(ctx context.Context, method, rank int, dir string, force bool, refine *Refine, progress func(Event)) (*Summary, error) {
 	opts, err := p.options(method, rank)
 	if err != nil {
 		return nil, err
 	}
 	return Run(ctx, Job{
 		Source: p.job.Source, Output: dir, Force: force, Options: opts, DType: p.job.DType,
-		Calibration: p.job.Calibration, Backend: p.job.Backend, Version: p.job.Version, Progress: progress,
+		Calibration: p.job.Calibration, Backend: p.job.Backend, Version: p.job.Version, Progress: progress, Refine: refine,
 		prebuilt: &prebuiltLayers{
 			layer:             func(i int) (*model.Layer, LayerReport, error) { return p.layer(method, rank, i) },
 			calibrationSHA256: p.calibrationSHA256, calibrationTokens: p.calibrationTokens, notes: p.notes,

@@ -97,7 +97,7 @@ func TestPlanModelMatchesRun(t *testing.T) {
 			}
 			// Write goes through Run with the plan's layers.
 			out := filepath.Join(t.TempDir(), "written")
-			sum, err := plan.Write(context.Background(), 0, 40, out, false, nil)
+			sum, err := plan.Write(context.Background(), 0, 40, out, false, nil, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

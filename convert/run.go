@@ -54,6 +54,9 @@ type Job struct {
 	DType string
 	// Calibration is nil for a data-free conversion.
 	Calibration *Calibration
+	// Refine, when not nil, fits each converted layer to the source's
+	// attention output on the calibration sequences (needs Calibration).
+	Refine *Refine
 	// Backend computes the calibration forward pass.
 	Backend kernels.Backend
 	// Version is the tool version recorded in the metadata.
@@ -78,6 +81,9 @@ type Event struct {
 	Stage string
 	// Layer is the layer index the stage works on, of Layers in all.
 	Layer, Layers int
+	// Step of Steps and Loss report StageRefine's optimizer steps.
+	Step, Steps int
+	Loss        float64
 }
 
 // Progress stages of a layer, in order.
@@ -86,6 +92,9 @@ const (
 	StageCalibrate = "calibrate"
 	// StageConvert decouples RoPE and factors the latent.
 	StageConvert = "convert"
+	// StageRefine fits the converted layer to the source's outputs, one
+	// event per optimizer step.
+	StageRefine = "refine"
 	// StageWrite writes the converted layer's tensors.
 	StageWrite = "write"
 )
@@ -212,6 +221,9 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	if err := CheckOutput(job.Source, job.Output, job.Force, job.Calibration); err != nil {
 		return nil, err
 	}
+	if job.Refine != nil && job.Calibration == nil {
+		return nil, fmt.Errorf("refinement fits each layer on calibration sequences: give a calibration file")
+	}
 	be := job.Backend
 	if be == nil {
 		be = kernels.Gonum{}
@@ -244,14 +256,25 @@ func Run(ctx context.Context, job Job) (*Summary, error) {
 	if pb := job.prebuilt; pb != nil {
 		sum.CalibrationSHA256, sum.CalibrationTokens = pb.calibrationSHA256, pb.calibrationTokens
 		sum.Notes = append(sum.Notes, pb.notes...)
-	} else if c := job.Calibration; c != nil {
+	}
+	if c := job.Calibration; c != nil && (job.prebuilt == nil || job.Refine != nil) {
+		// A Plan's layers were calibrated already; refining them runs the
+		// same calibration sequences through the source once more.
 		hash, err := st.prepareCalibration(c)
 		if err != nil {
 			return nil, err
 		}
-		sum.CalibrationSHA256 = hash
-		sum.CalibrationTokens = len(st.seqs) * c.SeqLen
-		sum.Notes = append(sum.Notes, st.notes...)
+		if job.prebuilt == nil {
+			sum.CalibrationSHA256 = hash
+			sum.CalibrationTokens = len(st.seqs) * c.SeqLen
+			sum.Notes = append(sum.Notes, st.notes...)
+		}
+		if r := job.Refine; r != nil {
+			if st.refine, err = newRefiner(*r, dst, be, len(st.seqs), c.SeqLen); err != nil {
+				return nil, err
+			}
+			sum.Method += r.Method(st.refine.seqs, c.SeqLen)
+		}
 	}
 
 	tmp, err := atomicfile.TempDir(job.Output)
@@ -454,6 +477,8 @@ type stream struct {
 	runner  *eval.LayerRunner
 	heldOut []int
 	notes   []string
+	// refine, when not nil, refines each converted layer.
+	refine *refiner
 
 	// attentionOnly lets a data-free conversion read only the attention
 	// tensors of each layer: the others are written from the source.
@@ -560,7 +585,8 @@ func (s *stream) startNext() {
 			// Only the new attention tensors are written from the
 			// converted layer; dropping the rest (the source's MLP when
 			// calibrating) keeps one source layer in memory, not two.
-			l = &model.Layer{MLA: l.MLA}
+			// A refined o_proj is written from the layer too.
+			l = &model.Layer{MLA: l.MLA, O: l.O}
 		}
 		ch <- converted{l, rep, err}
 	}()
@@ -575,17 +601,33 @@ func (s *stream) stop() {
 // convert gives converted layer i: the job's prebuilt one, or the source's
 // read, calibrated and converted.
 func (s *stream) convert(i int) (*model.Layer, LayerReport, error) {
-	if pb := s.job.prebuilt; pb != nil {
+	pb := s.job.prebuilt
+	if pb != nil && s.refine == nil {
 		return pb.layer(i)
 	}
 	l, stats, err := s.source(i)
 	if err != nil {
 		return nil, LayerReport{}, err
 	}
-	s.progress(StageConvert, i, s.src.NumLayers)
-	out, rep, err := ConvertLayer(s.src, s.dst, s.opts, l, stats)
+	var out *model.Layer
+	var rep LayerReport
+	if pb != nil {
+		out, rep, err = pb.layer(i)
+	} else {
+		s.progress(StageConvert, i, s.src.NumLayers)
+		out, rep, err = ConvertLayer(s.src, s.dst, s.opts, l, stats)
+	}
 	if err != nil {
 		return nil, LayerReport{}, fmt.Errorf("layer %d: %w", i, err)
+	}
+	if s.refine != nil {
+		rr, err := s.refine.refine(s.ctx, s.dst, l, out, func(step, steps int, loss float64) {
+			s.event(Event{Stage: StageRefine, Layer: i, Layers: s.src.NumLayers, Step: step, Steps: steps, Loss: loss})
+		})
+		if err != nil {
+			return nil, LayerReport{}, fmt.Errorf("layer %d: refine: %w", i, err)
+		}
+		rep.Refine = rr
 	}
 	return out, rep, nil
 }
@@ -611,6 +653,11 @@ func (s *stream) source(i int) (*model.Layer, *LayerStats, error) {
 			return nil, nil, err
 		}
 	}
+	if s.refine != nil {
+		if err := s.refine.capture(s.ctx, s.runner, s.src, l, s.hidden); err != nil {
+			return nil, nil, fmt.Errorf("refine, layer %d: source attention: %w", i, err)
+		}
+	}
 	// Running the source layer collects its inputs and moves the hidden
 	// states on to the next layer's inputs.
 	stats, err := layerStats(s.ctx, s.runner, s.be, s.src, l, s.hidden, len(s.seqs))
@@ -621,10 +668,14 @@ func (s *stream) source(i int) (*model.Layer, *LayerStats, error) {
 }
 
 func (s *stream) progress(stage string, i, n int) {
+	s.event(Event{Stage: stage, Layer: i, Layers: n})
+}
+
+func (s *stream) event(ev Event) {
 	if s.job.Progress != nil {
 		s.progressMu.Lock()
 		defer s.progressMu.Unlock()
-		s.job.Progress(Event{Stage: stage, Layer: i, Layers: n})
+		s.job.Progress(ev)
 	}
 }
 
@@ -669,7 +720,8 @@ func (s *stream) specs(dt safetensors.DType) ([]safetensors.TensorSpec, error) {
 	out := []safetensors.TensorSpec{s.kept("model.embed_tokens.weight", []int{s.src.VocabSize, D}, dt)}
 	for i := range s.src.NumLayers {
 		for _, t := range model.LayerTensorShapes(s.dst, i) {
-			if keptTensor(t.Name) {
+			refinedO := s.refine != nil && s.refine.opts.Output && strings.Contains(t.Name, ".self_attn.o_proj.")
+			if keptTensor(t.Name) && !refinedO {
 				out = append(out, s.kept(t.Name, t.Shape, dt))
 			} else {
 				out = append(out, convertedTensor(s.dst, i, t, dt, get))

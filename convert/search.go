@@ -164,8 +164,8 @@ func (r *SearchResult) Model(c Candidate) (*model.Model, []LayerReport, error) {
 
 // Write writes candidate c's checkpoint to dir, as convert writes it,
 // telling progress (when not nil) of each layer written.
-func (r *SearchResult) Write(ctx context.Context, c Candidate, dir string, force bool, progress func(Event)) (*Summary, error) {
-	return r.plan.Write(ctx, c.method, c.Rank, dir, force, progress)
+func (r *SearchResult) Write(ctx context.Context, c Candidate, dir string, force bool, refine *Refine, progress func(Event)) (*Summary, error) {
+	return r.plan.Write(ctx, c.method, c.Rank, dir, force, refine, progress)
 }
 
 // Search calibrates job.Source once, analyses every candidate RoPE setting

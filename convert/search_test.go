@@ -121,7 +121,7 @@ func TestSearchPicksAndWritesTheBest(t *testing.T) {
 			t.Errorf("budget %d: best with d_r 16 is %+v (%v)", b.Cache, c, ok)
 		}
 		out := filepath.Join(t.TempDir(), "best")
-		if _, err := res.Write(context.Background(), best, out, false, nil); err != nil {
+		if _, err := res.Write(context.Background(), best, out, false, nil, nil); err != nil {
 			t.Fatal(err)
 		}
 		m, err := model.Load(context.Background(), out, nil)

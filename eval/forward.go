@@ -353,6 +353,34 @@ func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float
 	return nil
 }
 
+// Attention replaces normed, which holds seqs independent sequences of
+// SeqLen attention inputs (rows already RMS-normed by the layer's
+// attn_norm), by layer l's attention output after o_proj: the sublayer
+// alone, without the residual or the MLP. The converter's refinement fits
+// a converted layer to the source's output with it.
+func (lr *LayerRunner) Attention(ctx context.Context, l *model.Layer, normed []float32, seqs int) error {
+	e := lr.layer
+	D, T := e.cfg.HiddenSize, lr.seqLen
+	if seqs < 0 || len(normed) != seqs*T*D {
+		return fmt.Errorf("layer runner: %d attention inputs for %d sequences of %d×%d", len(normed), seqs, T, D)
+	}
+	lw, err := prepareLayer(e.cfg, l)
+	if err != nil {
+		return err
+	}
+	s := &scratch{}
+	rows := kernels.NewRows(e.rowWidth, kernels.DefaultPageRows, kernels.RowF32)
+	for i := range seqs {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		rows.Truncate(0)
+		s.segs = append(s.segs[:0], segment{rows: rows, n: T})
+		e.attend(&lw, normed[i*T*D:(i+1)*T*D], s.segs, T, s)
+	}
+	return nil
+}
+
 // CopyFrom makes c a copy of src, a cache of the same runner.
 func (c *KVCache) CopyFrom(src *KVCache) error {
 	if len(c.layers) != len(src.layers) || c.cap < src.len {

@@ -167,17 +167,7 @@ func (e *layerEngine) step(l *layerWeights, x []float32, segs []segment, s *scra
 	if observe != nil {
 		observe(h, n)
 	}
-	s.attnOut = grow(s.attnOut, n*e.oIn)
-	if len(s.seg) < len(segs) {
-		s.seg = append(s.seg, make([]segScratch, len(segs)-len(s.seg))...)
-	}
-	if l.mla != nil {
-		e.mlaProject(l.mla, h, s)
-	} else {
-		e.gqaProject(l, h, s)
-	}
-	e.eachSegment(l, segs, s)
-	kernels.Linear(be, h, s.attnOut, l.o.w, l.o.b, n)
+	e.attend(l, h, segs, n, s)
 	kernels.Add(x, h)
 
 	kernels.RMSNorm(h, x, l.mlpNorm, eps)
@@ -188,6 +178,22 @@ func (e *layerEngine) step(l *layerWeights, x []float32, segs []segment, s *scra
 	kernels.SwiGLU(s.gate, s.up)
 	kernels.Linear(be, h, s.gate, l.down.w, l.down.b, n)
 	kernels.Add(x, h)
+}
+
+// attend replaces the normed rows h (n of them, the segments' rows one
+// after another) by the layer's attention output after o_proj.
+func (e *layerEngine) attend(l *layerWeights, h []float32, segs []segment, n int, s *scratch) {
+	s.attnOut = grow(s.attnOut, n*e.oIn)
+	if len(s.seg) < len(segs) {
+		s.seg = append(s.seg, make([]segScratch, len(segs)-len(s.seg))...)
+	}
+	if l.mla != nil {
+		e.mlaProject(l.mla, h, s)
+	} else {
+		e.gqaProject(l, h, s)
+	}
+	e.eachSegment(l, segs, s)
+	kernels.Linear(e.be, h, s.attnOut, l.o.w, l.o.b, n)
 }
 
 // segmentTask is the attention of one step, one item per segment.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/transmla/transmla/convert"
+	"github.com/transmla/transmla/model"
 )
 
 // seriesSpec is one series of a budget sweep: the best conversion at each
@@ -159,7 +160,9 @@ func (r *runner) budgetPoint(ctx context.Context, search *convert.SearchResult, 
 	} else if t.eval {
 		r.progress("build "+what, 0, 1, nil)
 		start := time.Now()
-		cm, reports, err := search.Model(cand)
+		cm, reports, err := r.build(ctx, func(dir string) (*convert.Summary, error) {
+			return search.Write(ctx, cand, dir, true, r.c.Refine, nil)
+		}, func() (*model.Model, []convert.LayerReport, error) { return search.Model(cand) })
 		if err != nil {
 			return fmt.Errorf("%s: %w", what, err)
 		}
@@ -190,7 +193,7 @@ func (r *runner) budgetPoint(ctx context.Context, search *convert.SearchResult, 
 		if err := os.MkdirAll(filepath.Join(r.c.Dir, "checkpoints"), 0o755); err != nil {
 			return err
 		}
-		if _, err := search.Write(ctx, cand, budgetCheckpointPath(r.c.Dir, t.series.name, t.budget), true, nil); err != nil {
+		if _, err := search.Write(ctx, cand, budgetCheckpointPath(r.c.Dir, t.series.name, t.budget), true, r.c.Refine, nil); err != nil {
 			return fmt.Errorf("write %s: %w", what, err)
 		}
 	}

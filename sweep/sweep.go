@@ -80,6 +80,9 @@ type Config struct {
 	Backend kernels.Backend
 	// Version is the tool version recorded with the results.
 	Version string
+	// Refine, when not nil, refines every conversion (convert --refine)
+	// before it is evaluated; it needs Calibration.
+	Refine *convert.Refine
 	// Progress, when not nil, is told of each step's progress.
 	Progress func(Event)
 }
@@ -114,6 +117,8 @@ type Setup struct {
 	DataSHA256 string `json:"data_sha256"`
 	Ctx        int    `json:"ctx"`
 	MaxWindows int    `json:"max_windows"`
+	// Refine is the refinement of every conversion, nil for none.
+	Refine *convert.Refine `json:"refine,omitempty"`
 }
 
 // CalibrationSetup is the calibration a setup uses.
@@ -146,12 +151,21 @@ func (s Setup) differs(o Setup) string {
 		{"data sha256", s.DataSHA256, o.DataSHA256},
 		{"ctx", s.Ctx, o.Ctx},
 		{"max windows", s.MaxWindows, o.MaxWindows},
+		{"refinement", refineKey(s.Refine), refineKey(o.Refine)},
 	} {
 		if d.now != d.was {
 			return fmt.Sprintf("%s: %v then, %v now", d.what, d.was, d.now)
 		}
 	}
 	return ""
+}
+
+// refineKey is r's options as a comparable value ("" for none).
+func refineKey(r *convert.Refine) string {
+	if r == nil {
+		return ""
+	}
+	return fmt.Sprintf("%+v", *r)
 }
 
 // Point is one measured model: the original or a conversion.
@@ -258,6 +272,8 @@ func (c *Config) validate() error {
 		return errors.New("sweep: latent widths and cache budgets are two kinds of sweep; give one")
 	case len(c.Budgets) > 0 && len(c.Methods) != 1:
 		return errors.New("sweep: a budget sweep searches one method's settings")
+	case c.Refine != nil && c.Calibration == nil:
+		return errors.New("sweep: refinement fits each layer on calibration sequences; give a calibration file")
 	case len(c.Budgets) > 0 && c.Calibration == nil:
 		return errors.New("sweep: a budget sweep scores its candidates on held-out calibration text; give a calibration file")
 	case len(c.RopeDims) > 0 && len(c.Budgets) == 0:
@@ -334,7 +350,7 @@ func describe(c *Config) (Setup, error) {
 		}
 		return p
 	}
-	s := Setup{Model: abs(c.Model), Data: abs(c.Data), Ctx: c.Ctx, MaxWindows: c.MaxWindows}
+	s := Setup{Model: abs(c.Model), Data: abs(c.Data), Ctx: c.Ctx, MaxWindows: c.MaxWindows, Refine: c.Refine}
 	var err error
 	if s.ModelConfigSHA256, err = fileSHA256(filepath.Join(c.Model, "config.json")); err != nil {
 		return s, fmt.Errorf("model: %w", err)
@@ -696,7 +712,9 @@ func (r *runner) point(ctx context.Context, plan *convert.Plan, planMethods []in
 	if t.eval {
 		r.progress("build "+what, 0, 1, nil)
 		start := time.Now()
-		cm, reports, err := plan.Model(pi, t.dc)
+		cm, reports, err := r.build(ctx, func(dir string) (*convert.Summary, error) {
+			return plan.Write(ctx, pi, t.dc, dir, true, r.c.Refine, nil)
+		}, func() (*model.Model, []convert.LayerReport, error) { return plan.Model(pi, t.dc) })
 		if err != nil {
 			return fmt.Errorf("%s: %w", what, err)
 		}
@@ -722,11 +740,35 @@ func (r *runner) point(ctx context.Context, plan *convert.Plan, planMethods []in
 		if err := os.MkdirAll(filepath.Join(r.c.Dir, "checkpoints"), 0o755); err != nil {
 			return err
 		}
-		if _, err := plan.Write(ctx, pi, t.dc, checkpointPath(r.c.Dir, m.Name, t.dc), true, nil); err != nil {
+		if _, err := plan.Write(ctx, pi, t.dc, checkpointPath(r.c.Dir, m.Name, t.dc), true, r.c.Refine, nil); err != nil {
 			return fmt.Errorf("write %s: %w", what, err)
 		}
 	}
 	return nil
+}
+
+// build is one point's converted model: in memory from the plan, or, with
+// refinement, written by write (refined as convert --refine refines) to a
+// temporary directory and read back.
+func (r *runner) build(ctx context.Context, write func(dir string) (*convert.Summary, error), inMemory func() (*model.Model, []convert.LayerReport, error)) (*model.Model, []convert.LayerReport, error) {
+	if r.c.Refine == nil {
+		return inMemory()
+	}
+	tmp, err := os.MkdirTemp(r.c.Dir, ".refined-*")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer os.RemoveAll(tmp)
+	dir := filepath.Join(tmp, "model")
+	sum, err := write(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := model.Load(ctx, dir, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	return m, sum.Layers, nil
 }
 
 // save records a finished point and rewrites the results with it.

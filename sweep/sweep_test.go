@@ -506,3 +506,39 @@ func TestBudgetSweep(t *testing.T) {
 		t.Errorf("other base options: error %v, want one asking for --force", err)
 	}
 }
+
+// A refining sweep's point is what convert --refine then eval give, and
+// its results are not mixed with those of other refinement settings.
+func TestSweepRefineMatchesConvert(t *testing.T) {
+	if testing.Short() {
+		t.Skip("refines two synthetic conversions: skipped with -short")
+	}
+	var evals []string
+	c := syntheticConfig(t, []int{16}, &evals)
+	c.Methods = c.Methods[:1]
+	c.DType = "f32"
+	r := convert.Refine{Steps: 4, Batch: 2, LR: 0.02, Val: 2, Inputs: convert.InputsTeacher, Seed: 1}
+	c.Refine = &r
+	res, err := Run(context.Background(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Points) != 1 {
+		t.Fatalf("%d points, want 1", len(res.Points))
+	}
+	o := c.Methods[0].Options
+	o.Rank = 16
+	out := filepath.Join(t.TempDir(), "mla")
+	if _, err := convert.Run(context.Background(), convert.Job{Source: c.Model, Output: out, Options: o, DType: "f32", Calibration: c.Calibration, Refine: &r, Backend: kernels.NewNative()}); err != nil {
+		t.Fatal(err)
+	}
+	want := evalDir(t, out, c.Data, c.Ctx, c.MaxWindows)
+	if d := relDiff(res.Points[0].PPL, want); d > 1e-3 {
+		t.Errorf("sweep ppl %.6f, convert --refine + eval %.6f (relative difference %.2g)", res.Points[0].PPL, want, d)
+	}
+	plain := c
+	plain.Refine = nil
+	if _, err := Run(context.Background(), plain); err == nil || !strings.Contains(err.Error(), "refinement") {
+		t.Errorf("a sweep without refinement over refined results: error %v, want one naming the refinement", err)
+	}
+}

@@ -48,7 +48,7 @@ With --calib FILE the factorizations use activation statistics of the model on t
 text (never calibrate on the evaluation text); without it they use the weights only.
 Layers are read, calibrated, converted and written one at a time. The output
 directory appears only when complete; MODEL is never modified.`,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "directory to create (required)"},
 			&cli.BoolFlag{Name: "force", Usage: "replace -o DIR if it exists (only once the new one is complete)"},
 			&cli.StringFlag{Name: "cache", Usage: "KV cache per token and layer, d_c + d_r, in values (e.g. 256) or % of the source's (e.g. 50%): search the best split on the calibration text (needs --calib)"},
@@ -71,7 +71,7 @@ directory appears only when complete; MODEL is never modified.`,
 			&cli.IntFlag{Name: "pad-latent", Usage: "store the latent padded with zeros to this kv_lora_rank (engines cache the padding, transmla eval does not)", DefaultText: "none, or what --target needs"},
 			&cli.StringFlag{Name: "dtype", Usage: "stored dtype: bf16, f16, f32 (default: the source's)"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of the table"},
-		},
+		}, refineFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := requireFlags(c, "output"); err != nil {
 				return err
@@ -113,6 +113,10 @@ directory appears only when complete; MODEL is never modified.`,
 			if err != nil {
 				return err
 			}
+			refine, err := refineOptions(c, cal)
+			if err != nil {
+				return err
+			}
 			if err := checkDType(c); err != nil {
 				return err
 			}
@@ -130,24 +134,17 @@ directory appears only when complete; MODEL is never modified.`,
 				return err
 			}
 			if search {
-				return searchConvert(c, dir, cfg, opts, cal, be)
+				return searchConvert(c, dir, cfg, opts, cal, refine, be)
 			}
 			if err := opts.Validate(cfg); err != nil {
 				return usageError{err}
 			}
 			job := convert.Job{
 				Source: dir, Output: c.String("output"), Force: c.Bool("force"),
-				Options: opts, DType: c.String("dtype"), Calibration: cal, Backend: be, Version: version,
+				Options: opts, DType: c.String("dtype"), Calibration: cal, Refine: refine, Backend: be, Version: version,
 			}
-			stages := []string{convert.StageCalibrate, convert.StageConvert, convert.StageWrite}
-			bar := newProgress(c.App.ErrWriter, cfg.NumLayers*len(stages), "converting")
-			job.Progress = func(ev convert.Event) {
-				for i, s := range stages {
-					if s == ev.Stage {
-						bar.Set(ev.Layer*len(stages)+i, ev.Layers*len(stages))
-					}
-				}
-			}
+			bar := newProgress(c.App.ErrWriter, cfg.NumLayers*3, "converting")
+			job.Progress = layerProgress(bar, refine, []string{convert.StageCalibrate, convert.StageConvert, convert.StageWrite})
 			sum, err := convert.Run(c.Context, job)
 			bar.Done()
 			if err != nil {
@@ -183,6 +180,12 @@ func printConvertTable(w io.Writer, r convertReport) {
 	fmt.Fprintf(w, "\ntime        %.1f s (%s backend)\n", r.Seconds, r.Backend)
 	if r.PeakRSSBytes > 0 {
 		fmt.Fprintf(w, "peak memory %s RSS\n", humanBytes(r.PeakRSSBytes))
+	}
+	for _, l := range r.Layers {
+		if f := l.Refine; f != nil {
+			fmt.Fprintf(w, "refined     layer %d: held-back loss %.4g → %.4g (%s inputs, best of %d steps at step %d, %.1f s)\n",
+				l.Layer, f.ValBefore, f.ValAfter, f.Inputs, f.Steps, f.BestStep, f.Seconds)
+		}
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "note        %s\n", n)
@@ -224,7 +227,7 @@ func parseCache(s string, cfg model.Config) (int, error) {
 
 // searchConvert runs convert --cache: the search, then the best
 // candidate written as convert writes any conversion.
-func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Options, cal *convert.Calibration, be kernels.Backend) error {
+func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Options, cal *convert.Calibration, refine *convert.Refine, be kernels.Backend) error {
 	if cal == nil {
 		return usagef("convert --cache scores its candidates on held-out calibration text: add --calib FILE (or fix the split with --dc and --rope-dim)")
 	}
@@ -276,11 +279,11 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	}
 	best := res.Budgets[0].Best()
 	wbar := newProgress(c.App.ErrWriter, cfg.NumLayers, "writing")
-	sum, err := res.Write(c.Context, best, output, force, func(ev convert.Event) {
-		if ev.Stage == convert.StageWrite {
-			wbar.Set(ev.Layer+1, ev.Layers)
-		}
-	})
+	stages := []string{convert.StageWrite}
+	if refine != nil {
+		stages = []string{convert.StageCalibrate, convert.StageWrite}
+	}
+	sum, err := res.Write(c.Context, best, output, force, refine, layerProgress(wbar, refine, stages))
 	wbar.Done()
 	if err != nil {
 		return fmt.Errorf("convert %s: %w", dir, err)
@@ -292,6 +295,35 @@ func searchConvert(c *cli.Context, dir string, cfg model.Config, base convert.Op
 	printSearchTable(c.App.Writer, res)
 	printConvertTable(c.App.Writer, rep)
 	return nil
+}
+
+// layerProgress moves bar through each layer's stages, in order; with
+// refine, each layer also counts its optimizer steps, the description
+// showing the layer and its batch loss.
+func layerProgress(bar *progress, refine *convert.Refine, stages []string) func(convert.Event) {
+	steps := 0
+	if refine != nil {
+		steps = refine.Steps
+	}
+	per := len(stages) + steps
+	return func(ev convert.Event) {
+		if ev.Stage == convert.StageRefine {
+			// Refinement comes after every stage but the write.
+			bar.Set(ev.Layer*per+len(stages)-1+ev.Step, ev.Layers*per)
+			bar.Describe(fmt.Sprintf("refining layer %d/%d, loss %.4g", ev.Layer+1, ev.Layers, ev.Loss))
+			return
+		}
+		for i, s := range stages {
+			if s == ev.Stage {
+				at := ev.Layer*per + i
+				if s == convert.StageWrite {
+					at += steps
+					bar.Describe("converting")
+				}
+				bar.Set(at, ev.Layers*per)
+			}
+		}
+	}
 }
 
 // printSearchTable lists a search's candidates per budget: the finalists

@@ -109,3 +109,53 @@ func calibrationFlags(c *cli.Context, what string, cfg model.Config) (*convert.C
 	}
 	return cal, nil
 }
+
+// refineFlags are the flags of --refine, shared by convert and sweep.
+func refineFlags() []cli.Flag {
+	d := convert.DefaultRefine()
+	return []cli.Flag{
+		&cli.BoolFlag{Name: "refine", Usage: "fit each converted layer's MLA projections to the source layer's attention output on the calibration sequences (needs --calib; minutes per layer)"},
+		&cli.IntFlag{Name: "refine-steps", Usage: "--refine: the most Adam steps per layer (it stops early when the held-back sequences stop improving)", Value: d.Steps},
+		&cli.IntFlag{Name: "refine-tokens", Usage: "--refine: calibration tokens fitted on, the last " + fmt.Sprint(d.Val) + " sequences held back", DefaultText: "all of --calib-tokens"},
+		&cli.IntFlag{Name: "refine-batch", Usage: "--refine: calibration sequences per step", Value: d.Batch},
+		&cli.Float64Flag{Name: "refine-lr", Usage: "--refine: peak step relative to each tensor's RMS", Value: d.LR},
+		&cli.StringFlag{Name: "refine-inputs", Usage: "--refine: fit each layer on the hidden states of the model refined so far (" + convert.InputsSequential + ", so it also corrects the error from below) or of the source (" + convert.InputsTeacher + ")", Value: d.Inputs},
+		&cli.BoolFlag{Name: "refine-o", Usage: "--refine: also fit o_proj"},
+		&cli.BoolFlag{Name: "refine-correct", Usage: "--refine with sequential inputs: fit each layer to restore the source's hidden state after it (its attention target plus the error arriving from below)", Value: d.Correct},
+		&cli.BoolFlag{Name: "refine-values", Usage: "--refine: first refit kv_b_proj's value half in closed form (least squares with the attention held), kept where the held-back sequences score better", Value: d.Values},
+	}
+}
+
+// refineOptions reads the --refine flags: nil without --refine.
+func refineOptions(c *cli.Context, cal *convert.Calibration) (*convert.Refine, error) {
+	if !c.Bool("refine") {
+		for _, f := range []string{"refine-steps", "refine-tokens", "refine-batch", "refine-lr", "refine-inputs", "refine-o", "refine-values", "refine-correct"} {
+			if c.IsSet(f) {
+				return nil, usagef("--%s applies with --refine only", f)
+			}
+		}
+		return nil, nil
+	}
+	if cal == nil {
+		return nil, usagef("--refine fits each layer on calibration sequences: add --calib FILE")
+	}
+	r := convert.DefaultRefine()
+	r.Steps, r.Batch, r.LR = c.Int("refine-steps"), c.Int("refine-batch"), c.Float64("refine-lr")
+	r.Inputs, r.Output, r.Values, r.Correct, r.Seed = c.String("refine-inputs"), c.Bool("refine-o"), c.Bool("refine-values"), c.Bool("refine-correct"), cal.Seed
+	if r.Inputs == convert.InputsTeacher && !c.IsSet("refine-correct") {
+		r.Correct = false // corrective targets are a sequential-inputs option
+	}
+	seqs := cal.Tokens / cal.SeqLen
+	if c.IsSet("refine-tokens") {
+		t := c.Int("refine-tokens")
+		if t < cal.SeqLen || t > cal.Tokens {
+			return nil, usagef("--refine-tokens %d: want between one --calib-seq (%d) and --calib-tokens (%d)", t, cal.SeqLen, cal.Tokens)
+		}
+		r.Seqs = t / cal.SeqLen
+		seqs = r.Seqs
+	}
+	if err := r.Check(seqs); err != nil {
+		return nil, usageError{err}
+	}
+	return &r, nil
+}

@@ -175,6 +175,21 @@ func TestStockExportsMatchTransformers(t *testing.T) {
 	}
 }
 
+// A refined export (stock format, whose kv_a_layernorm the refinement
+// fits too) is a normal checkpoint: transformers computes what transmla
+// eval does on it.
+func TestRefinedExportMatchesTransformers(t *testing.T) {
+	interoptest.Python(t)
+	m := sharedModels[2] // stories260K: refined in seconds
+	dir := convertShared(t, m.name, "--dc", "16", "--calib-seq", "256", "--calib-tokens", "8192", "--refine", "--refine-steps", "20")
+	ours, theirs := pplBoth(t, dir, m.ctx, interopWindows)
+	t.Logf("%s dc 16 refined: transmla %.6f, transformers %.6f, relative difference %.2e", m.name, ours, theirs, relDiff(ours, theirs))
+	if relDiff(ours, theirs) > 1e-3 {
+		t.Errorf("perplexity %.6f differs from transformers' %.6f by more than 1e-3", ours, theirs)
+	}
+	greedyAgree(t, dir, 1e-3)
+}
+
 // A latent padded to vLLM's CPU width computes what the unpadded one does,
 // in transmla (which strips the padding: no cache cost) and transformers.
 func TestPaddedExportComputesTheSame(t *testing.T) {

@@ -40,6 +40,13 @@ func (p *progress) Set(done, total int) {
 	_ = p.bar.Set(done)
 }
 
+// Describe sets the text before the bar.
+func (p *progress) Describe(what string) {
+	if p.bar != nil {
+		p.bar.Describe(what)
+	}
+}
+
 // Done removes the bar.
 func (p *progress) Done() {
 	if p.bar != nil {

@@ -39,7 +39,7 @@ score.
 Each point is saved in DIR/points as it completes: running the same command again
 skips finished points (Ctrl-C loses only the point in progress). Results of other
 settings in DIR are refused; --force discards them and recomputes every point.`,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "dc", Usage: "latent widths kv_lora_rank, comma-separated, e.g. 32,64,128,192,256,320,448"},
 			&cli.StringFlag{Name: "cache", Usage: "instead of --dc: KV-cache budgets per token and layer (values or % of the source's), comma-separated, e.g. 128,192,256,320,512; the split is searched (needs --calib)"},
 			&cli.IntFlag{Name: "search-ctx", Usage: "--cache: length of the held-out calibration windows candidates are scored on", DefaultText: "min(1024, max_position_embeddings)"},
@@ -63,7 +63,7 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			&cli.BoolFlag{Name: "keep-checkpoints", Usage: "also write each converted checkpoint to DIR/checkpoints/METHOD-dcN"},
 			&cli.StringFlag{Name: "device", Usage: "cpu (cuda: no GPU backend is built yet)", Value: "cpu"},
 			&cli.BoolFlag{Name: "json", Usage: "print results.json instead of the table"},
-		},
+		}, refineFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := requireFlags(c, "data", "output"); err != nil {
 				return err
@@ -146,6 +146,9 @@ settings in DIR are refused; --force discards them and recomputes every point.`,
 			}
 			if budgets && sc.Calibration == nil {
 				return usagef("sweep --cache scores its candidates on held-out calibration text: add --calib FILE")
+			}
+			if sc.Refine, err = refineOptions(c, sc.Calibration); err != nil {
+				return err
 			}
 			sc.Progress = sweepProgress(c)
 			res, err := sweep.Run(c.Context, sc)
