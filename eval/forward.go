@@ -331,26 +331,9 @@ func (lr *LayerRunner) SeqLen() int { return lr.seqLen }
 // before attention; the slice is reused after observe returns. ctx is
 // checked between sequences.
 func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float32, seqs int, observe func(normed []float32, rows int)) error {
-	e := lr.layer
-	D, T := e.cfg.HiddenSize, lr.seqLen
-	if seqs < 0 || len(hidden) != seqs*T*D {
-		return fmt.Errorf("layer runner: %d hidden values for %d sequences of %d×%d", len(hidden), seqs, T, D)
-	}
-	lw, err := prepareLayer(e.cfg, l)
-	if err != nil {
-		return err
-	}
-	s := &scratch{}
-	rows := kernels.NewRows(e.rowWidth, kernels.DefaultPageRows, kernels.RowF32)
-	for i := range seqs {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		rows.Truncate(0)
-		s.segs = append(s.segs[:0], segment{rows: rows, n: T})
-		e.step(&lw, hidden[i*T*D:(i+1)*T*D], s.segs, s, observe)
-	}
-	return nil
+	return lr.eachSequence(ctx, l, hidden, seqs, "hidden values", func(e *layerEngine, lw *layerWeights, x []float32, s *scratch) {
+		e.step(lw, x, s.segs, s, observe)
+	})
 }
 
 // Attention replaces normed, which holds seqs independent sequences of
@@ -359,10 +342,18 @@ func (lr *LayerRunner) Apply(ctx context.Context, l *model.Layer, hidden []float
 // alone, without the residual or the MLP. The converter's refinement fits
 // a converted layer to the source's output with it.
 func (lr *LayerRunner) Attention(ctx context.Context, l *model.Layer, normed []float32, seqs int) error {
+	return lr.eachSequence(ctx, l, normed, seqs, "attention inputs", func(e *layerEngine, lw *layerWeights, x []float32, s *scratch) {
+		e.attend(lw, x, s.segs, lr.seqLen, s)
+	})
+}
+
+// eachSequence runs run on each of the seqs sequences of x in turn, each
+// from position 0 with an empty cache; ctx is checked between them.
+func (lr *LayerRunner) eachSequence(ctx context.Context, l *model.Layer, x []float32, seqs int, what string, run func(*layerEngine, *layerWeights, []float32, *scratch)) error {
 	e := lr.layer
 	D, T := e.cfg.HiddenSize, lr.seqLen
-	if seqs < 0 || len(normed) != seqs*T*D {
-		return fmt.Errorf("layer runner: %d attention inputs for %d sequences of %d×%d", len(normed), seqs, T, D)
+	if seqs < 0 || len(x) != seqs*T*D {
+		return fmt.Errorf("layer runner: %d %s for %d sequences of %d×%d", len(x), what, seqs, T, D)
 	}
 	lw, err := prepareLayer(e.cfg, l)
 	if err != nil {
@@ -376,7 +367,7 @@ func (lr *LayerRunner) Attention(ctx context.Context, l *model.Layer, normed []f
 		}
 		rows.Truncate(0)
 		s.segs = append(s.segs[:0], segment{rows: rows, n: T})
-		e.attend(&lw, normed[i*T*D:(i+1)*T*D], s.segs, T, s)
+		run(e, &lw, x[i*T*D:(i+1)*T*D], s)
 	}
 	return nil
 }
